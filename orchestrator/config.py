@@ -1,0 +1,227 @@
+"""Run and study files: YAML in, a validated :class:`RunSpec` out, or one clear :class:`SpecError`.
+
+A file has the sections ``dataset``, ``cell`` and ``module`` (each ``plugin:`` plus that plugin's
+settings), ``trainer`` (Lightning ``Trainer`` arguments), and optionally ``seed``, ``name``,
+``tracking_uri`` and ``study`` (the search, read by :mod:`orchestrator.study`). Every key is
+checked before anything runs: unknown keys, wrong types and unknown plugins are reported with the
+file, the line and the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PLUGIN_SECTIONS = {"dataset": "datasets", "cell": "cells", "module": "modules"}
+# settings orch passes itself, never taken from a file
+RESERVED = {"cells": {"input_size"}, "modules": {"cell", "info"}, "datasets": set()}
+
+
+class SpecError(ValueError):
+    """A run or study file is invalid; the message says where and what to do."""
+
+
+class PluginSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    plugin: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunSpec(BaseModel):
+    """A validated run: plugins with their settings, Trainer arguments, seed and tracking."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    seed: int = 0
+    dataset: PluginSection
+    cell: PluginSection
+    module: PluginSection
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    tracking_uri: str | None = None
+    study: dict[str, Any] | None = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as a plain dict (what is logged as the resolved config)."""
+        return self.model_dump(exclude_none=True)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Dotted ``section.key`` -> value for every setting (MLflow params)."""
+        out: dict[str, Any] = {"seed": self.seed}
+        for section in ("dataset", "cell", "module", "trainer"):
+            values = getattr(self, section)
+            values = values.model_dump() if isinstance(values, BaseModel) else values
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        return out
+
+
+# ---- YAML with line numbers ----------------------------------------------------------------
+@dataclass
+class Source:
+    """Where a spec came from, to point errors at lines."""
+
+    path: str
+    lines: dict[str, int]
+
+    def where(self, dotted: str) -> str:
+        parts = dotted.split(".")
+        while parts and ".".join(parts) not in self.lines:
+            parts.pop()
+        line = self.lines.get(".".join(parts)) if parts else None
+        return f"{self.path}:{line}" if line else self.path
+
+
+def _line_map(node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            dotted = f"{prefix}{key.value}"
+            out[dotted] = key.start_mark.line + 1
+            _line_map(value, dotted + ".", out)
+    return out
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], Source]:
+    """Safely load a YAML mapping, with the line of every dotted key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping with sections dataset, cell, module, trainer")
+    return data, Source(str(path), _line_map(node) if node is not None else {})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, for example cell.hidden_size=200")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ---- validation -----------------------------------------------------------------------------
+def _accepted(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """Keyword parameters a plugin class accepts (following ``**kwargs`` up the MRO) and their hints."""
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init)
+        try:
+            klass_hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - unresolvable hints only lose the type check
+            klass_hints = {}
+        var_kw = False
+        for name, p in list(sig.parameters.items())[1:]:
+            if p.kind is p.VAR_KEYWORD:
+                var_kw = True
+            elif p.kind is not p.VAR_POSITIONAL and name not in params:
+                params[name] = p
+                if name in klass_hints:
+                    hints[name] = klass_hints[name]
+        if not var_kw:
+            break
+    return params, hints
+
+
+def check_plugin_settings(section: str, kind: str, cls: type, settings: dict[str, Any], src: Source) -> None:
+    """Unknown keys, missing required keys and wrong types of one plugin section."""
+    params, hints = _accepted(cls)
+    reserved = RESERVED[kind]
+    valid = sorted(k for k in params if k not in reserved)
+    for key, value in settings.items():
+        if key not in params or key in reserved:
+            raise SpecError(f"{src.where(f'{section}.{key}')}: unknown setting {section}.{key} for "
+                            f"{kind[:-1]} plugin; valid settings: {', '.join(valid) or 'none'}")
+        if key in hints:
+            try:
+                TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError:
+                raise SpecError(f"{src.where(f'{section}.{key}')}: {section}.{key} = {value!r} is not "
+                                f"a valid {_type_name(hints[key])}") from None
+    missing = [k for k, p in params.items()
+               if p.default is p.empty and k not in reserved and k not in settings]
+    if missing:
+        raise SpecError(f"{src.where(section)}: section {section} is missing required setting(s) "
+                        f"{', '.join(missing)}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_trainer(trainer: dict[str, Any], src: Source) -> None:
+    from pytorch_lightning import Trainer  # lazy: Lightning is heavy
+
+    valid = [k for k in inspect.signature(Trainer.__init__).parameters if k != "self"]
+    for key in trainer:
+        if key not in valid:
+            raise SpecError(f"{src.where(f'trainer.{key}')}: unknown Trainer argument trainer.{key}; "
+                            f"valid: {', '.join(sorted(valid))}")
+
+
+def validate(data: dict[str, Any], src: Source) -> RunSpec:
+    """Turn loaded YAML into a :class:`RunSpec`, checking plugins and every setting."""
+    from orchestrator import registry
+
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        dotted = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = (f"unknown key {dotted!r}; valid top-level keys: "
+                   f"{', '.join(RunSpec.model_fields)}")
+        elif err["type"] == "missing":
+            msg = f"missing required key {dotted!r}"
+        else:
+            msg = f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+        raise SpecError(f"{src.where(dotted)}: {msg}") from None
+    for section, kind in PLUGIN_SECTIONS.items():
+        plugin = getattr(spec, section)
+        try:
+            cls = registry.get(kind, plugin.plugin)
+        except registry.PluginError as exc:
+            raise SpecError(f"{src.where(f'{section}.plugin')}: {exc}") from None
+        check_plugin_settings(section, kind, cls, plugin.settings, src)
+    check_trainer(spec.trainer, src)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunSpec, Source]:
+    """Load, override and validate a run or study file."""
+    data, src = load_yaml(path)
+    data = apply_overrides(data, overrides)
+    return validate(data, src), src

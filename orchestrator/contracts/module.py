@@ -1,0 +1,236 @@
+"""Contract for ``orch.modules`` plugins, and orch's stateful truncated BPTT.
+
+Lightning 2.x has no built-in TBPTT; :class:`SequenceModule` provides it. A module plugin
+subclasses it, declares the ``tasks`` it can train, builds its layers in ``__init__`` and
+implements four small hooks:
+
+* :meth:`~SequenceModule.forward` ``(x, state) -> (pred, state)``
+* :meth:`~SequenceModule.loss` ``(pred, y) -> mean loss per element``
+* :meth:`~SequenceModule.accumulate` ``(acc, pred, y, loss)`` adds sums for the eval metrics
+* :meth:`~SequenceModule.summarize` ``(acc) -> {metric: value}``
+
+State semantics (the same for every module):
+
+* training, ``stream`` layout: the state is carried from one batch to the next, detached at
+  each window boundary, and reset at the start of every epoch;
+* validation and test keep their own state per dataloader, reset at the start of each run,
+  so evaluation never disturbs the training state;
+* ``sequences`` layout: the state starts fresh for each batch; sequences longer than the
+  dataset's ``bptt`` are cut into windows with the state carried (and, in training, detached).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+
+from orchestrator.contracts.cell import Cell, State, detach_state
+from orchestrator.contracts.dataset import DatasetInfo
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class CellSpec:
+    """A cell plugin with its settings; the module chooses the ``input_size`` when building it."""
+
+    name: str
+    cls: type[Cell]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.settings["hidden_size"])
+
+    def build(self, input_size: int) -> Cell:
+        return self.cls(input_size=input_size, **self.settings)
+
+
+class SequenceModule(pl.LightningModule):
+    """Base class of module plugins: stateful TBPTT training with per-epoch metrics.
+
+    Args:
+        cell: the cell plugin to build (``cell.build(input_size)``).
+        info: the dataset's description.
+        lr: learning rate.
+        optimizer: ``sgd`` or ``adam``.
+        weight_decay: L2 penalty passed to the optimizer.
+        clip_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+        lr_decay: multiply the learning rate by this once per epoch ...
+        decay_after: ... for every epoch after the first ``decay_after`` epochs (Zaremba et al.).
+        init_scale: initialise every weight uniformly in ``±init_scale`` (``None``: defaults).
+        nan_check_every: check the training loss for NaN/inf every this many steps.
+    """
+
+    #: Tasks (see :data:`orchestrator.contracts.dataset.TASKS`) this module can train.
+    tasks: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: float = 1e-3, optimizer: str = "adam",
+                 weight_decay: float = 0.0, clip_grad_norm: float | None = None, lr_decay: float = 1.0,
+                 decay_after: int = 0, init_scale: float | None = None, nan_check_every: int = 25):
+        super().__init__()
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if info.task not in self.tasks:
+            raise ValueError(f"{type(self).__name__} trains {self.tasks}, not {info.task!r}")
+        self.info = info
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.clip = clip_grad_norm
+        self.lr_decay = lr_decay
+        self.decay_after = decay_after
+        self.init_scale = init_scale
+        self.nan_check_every = nan_check_every
+        self._states: dict[str, State] = {}
+        self._acc: dict[str, dict[str, Any]] = {}
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_steps = 0
+        self._train_elems = 0
+        self._epoch_t0 = 0.0
+
+    # ---- hooks for subclasses -------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Predictions for a window ``x`` starting from ``state``; returns ``(pred, state)``."""
+        raise NotImplementedError
+
+    def loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss per element (per token or per step) of a window."""
+        raise NotImplementedError
+
+    def training_loss(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The quantity to backpropagate, from the mean loss (default: the mean loss itself)."""
+        return loss
+
+    def accumulate(self, acc: dict[str, Any], pred: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        """Add the sums an eval metric needs to ``acc`` (a ``defaultdict(float)`` per eval set)."""
+        n = y.numel()
+        acc["loss_sum"] += loss.detach() * n
+        acc["n"] += n
+
+    def summarize(self, acc: dict[str, Any]) -> dict[str, float]:
+        """Turn ``acc`` into metrics, logged as ``{eval set}_{metric}``."""
+        return {"loss": float(acc["loss_sum"]) / max(acc["n"], 1)}
+
+    # ---- state ----------------------------------------------------------------------------
+    def _window_state(self, key: str, batch_size: int) -> State:
+        state = self._states.get(key)
+        if state is None:
+            state = self.cell.init_state(batch_size, self.device)
+        return state
+
+    def run_batch(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """Predictions for one batch, with the state handling described in the module docstring."""
+        if self.info.layout == "stream":
+            pred, state = self(x, self._window_state(key, x.shape[0]))
+            self._states[key] = detach_state(state)
+            return pred
+        state = self.cell.init_state(x.shape[0], self.device)
+        win = self.info.bptt or x.shape[1]
+        preds = []
+        for start in range(0, x.shape[1], win):
+            pred, state = self(x[:, start:start + win], state)
+            preds.append(pred)
+            if self.training:
+                state = detach_state(state)
+        return preds[0] if len(preds) == 1 else torch.cat(preds, dim=1)
+
+    def reset_states(self, prefix: str) -> None:
+        for key in [k for k in self._states if k.startswith(prefix)]:
+            del self._states[key]
+
+    # ---- training -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.reset_states("train")
+        self._train_loss_sum = torch.zeros((), device=self.device)
+        self._train_steps = 0
+        self._train_elems = 0
+        self._epoch_t0 = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self.run_batch(x, "train"), y)
+        self._train_loss_sum += loss.detach()
+        self._train_steps += 1
+        self._train_elems += y.numel()
+        if self.nan_check_every and self._train_steps % self.nan_check_every == 0:
+            self._check_finite()
+        return self.training_loss(loss, x)
+
+    def _check_finite(self) -> None:
+        value = float(self._train_loss_sum)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"train_loss became {value} in epoch {self.current_epoch} by step {self._train_steps}")
+
+    def on_train_epoch_end(self) -> None:
+        if not self._train_steps:
+            return
+        self._check_finite()
+        elapsed = max(time.perf_counter() - self._epoch_t0, 1e-9)
+        self.log_dict({
+            "train_loss": float(self._train_loss_sum) / self._train_steps,
+            "lr": self.optimizers().param_groups[0]["lr"] if self._trainer else self.lr,
+            "tokens_per_s": self._train_elems / elapsed,
+        })
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _eval_start(self, split: str, names: tuple[str, ...]) -> None:
+        self.reset_states(split)
+        for name in names:
+            self._acc[name] = defaultdict(float)
+
+    def _eval_step(self, split: str, names: tuple[str, ...], batch, dataloader_idx: int) -> None:
+        x, y = batch
+        pred = self.run_batch(x, f"{split}{dataloader_idx}")
+        self.accumulate(self._acc[names[dataloader_idx]], pred, y, self.loss(pred, y))
+
+    def _eval_end(self, names: tuple[str, ...]) -> None:
+        metrics = {}
+        for name in names:
+            acc = self._acc.pop(name)
+            if acc["n"]:
+                metrics.update({f"{name}_{k}": v for k, v in self.summarize(acc).items()})
+        if metrics:
+            self.log_dict(metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val", self.info.val_sets)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step("val", self.info.val_sets, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end(self.info.val_sets)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test", self.info.test_sets)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step("test", self.info.test_sets, batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end(self.info.test_sets)
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        decay, after = self.lr_decay, self.decay_after
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: decay ** max(epoch + 1 - after, 0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")

@@ -1,0 +1,125 @@
+"""MLflow: where runs go, and a Lightning logger that writes per-epoch metrics in batches.
+
+Default store: SQLite at ``mlruns/mlflow.db`` under the working directory, artifacts in
+``mlruns/artifacts`` (MLflow 3 no longer accepts a plain folder as a tracking store). Everything
+goes through :class:`mlflow.MlflowClient` with explicit run ids, so several worker processes can
+log to the same parent run without sharing global "active run" state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers.logger import Logger
+
+DEFAULT_DIR = "mlruns"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path(DEFAULT_DIR).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the project's SQLite store under ``mlruns/``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif "://" not in uri:  # a bare path: MLflow 3 wants a database, so put one there
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{Path(uri).resolve() / 'mlflow.db'}"
+    return uri
+
+
+def redact(uri: str) -> str:
+    """A URL with any password replaced by ``***`` (for logs, params and messages)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
+def client(uri: str | None = None):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def experiment_id(mlf, name: str) -> str:
+    """The id of experiment ``name``, created (with artifacts beside a SQLite store) if needed."""
+    exp = mlf.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlf.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    try:
+        return mlf.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another process created it first
+        exp = mlf.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_params(mlf, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches (MLflow caps a batch at 100 params)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlf.log_batch(run_id, params=items[i:i + 100])
+
+
+class EpochLogger(Logger):
+    """Lightning logger writing to an existing MLflow run, buffered and flushed per epoch.
+
+    Metrics are stored with ``step`` = epoch, so the MLflow UI plots them per epoch. Lightning
+    calls :meth:`save` after every ``log_metrics``; writes happen at most every ``flush_seconds``
+    (and at each new epoch and at the end), so a module that logs every step costs a database
+    write every few seconds, not one per step.
+    """
+
+    def __init__(self, mlf, run_id: str, flush_seconds: float = 2.0):
+        super().__init__()
+        self._mlf = mlf
+        self._run_id = run_id
+        self._buffer: list = []
+        self._epoch: int | None = None
+        self._flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self._run_id
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # orch logs the resolved settings itself, once, with dotted names
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        epoch = int(metrics.get("epoch", step or 0))
+        if self._epoch is not None and epoch != self._epoch:
+            self.flush()
+        self._epoch = epoch
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch")
+
+    def save(self) -> None:
+        if time.monotonic() - self._last_flush >= self._flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        while self._buffer:
+            batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self._mlf.log_batch(self._run_id, metrics=batch)
+
+    def finalize(self, status: str) -> None:
+        self.flush()

@@ -1,0 +1,1 @@
+"""First-party orch plugins, registered through entry points in pyproject.toml like any third party's."""

@@ -1,0 +1,1 @@
+"""First-party dataset plugins: ``ptb``, ``sum_game`` and ``echo`` (see each module)."""
