@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -74,26 +75,140 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
         spec, _ = load_spec(file, overrides)
     except SpecError as exc:
         fail(str(exc))
-    from orchestrator import runner
+    from orchestrator import runner, tracking
     from orchestrator.contracts.module import NonFiniteLossError
-    from orchestrator.tracking import redact, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     name = experiment or spec.name or Path(file).stem
     click.echo(f"training {spec.cell.plugin} / {spec.module.plugin} on {spec.dataset.plugin}; "
-               f"MLflow: {redact(uri)} experiment {name!r}", err=True)
+               f"MLflow: {tracking.redact(uri)} experiment {name!r}", err=True)
+    mlf = tracking.client(uri)
+    run_id = runner.start_run(mlf, name, tags={"orch.command": "train"})
     try:
-        result = runner.tracked_run(spec, tracking_uri=uri, experiment=name, test=test,
-                                    tags={"orch.command": "train"})
-    except (runner.IncompatibleError, NonFiniteLossError, ValueError, OSError) as exc:
-        fail(f"{type(exc).__name__}: {exc}", code=1)
-    click.echo(json.dumps({"run_id": result.run_id, **result.metrics}, indent=2))
+        result = runner.tracked_fit(spec, mlf, run_id, test=test)
+    except BaseException as exc:
+        killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        runner.end_run(mlf, run_id, "killed" if killed else "failed", exc)
+        if killed:
+            raise
+        if isinstance(exc, (runner.IncompatibleError, NonFiniteLossError, ValueError, OSError)):
+            fail(f"{type(exc).__name__}: {exc} (MLflow run {run_id})", code=1)
+        raise
+    runner.end_run(mlf, run_id, "complete")
+    click.echo(json.dumps({"run_id": run_id, **result.metrics}, indent=2))
 
 
-# ---- study (filled by orchestrator.study) -------------------------------------------------
+# ---- study -------------------------------------------------------------------------------
 @main.group()
 def study() -> None:
-    """Optuna studies over run files."""
+    """Optuna studies over run files: run, show, best."""
+
+
+def _devices(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        fail(f"--devices {value!r}: expected GPU ids such as 0,2")
+
+
+@study.command("run")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Total budget of the study (re-running continues up to it).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop claiming new trials after this many seconds.")
+@click.option("--workers", "workers_n", type=click.IntRange(min=1), default=None,
+              help="CPU worker processes (torch threads are split between them).")
+@click.option("--devices", default=None, help="GPU ids to use, e.g. 0,2 (default: all visible GPUs).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--storage", default=None, help="Optuna storage URL (default: journal file under mlruns/optuna/).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in ./mlruns).")
+def study_run(file, trials, timeout, workers_n, devices, overrides, storage, tracking_uri) -> None:
+    """Run (or resume) the study in FILE until its trial budget is met."""
+    from orchestrator.config import SpecError
+    from orchestrator.study import load_study
+
+    try:
+        spec = load_study(file, overrides)
+    except SpecError as exc:
+        fail(str(exc))
+    from orchestrator.coordinator import run_study
+
+    try:
+        outcome = run_study(spec, trials=trials, timeout=timeout, workers_n=workers_n, devices=_devices(devices),
+                            storage_url=storage, tracking_uri=tracking_uri, echo=lambda m: click.echo(m, err=True),
+                            live=sys.stderr.isatty())
+    except SpecError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(json.dumps({"study": outcome.name, **outcome.counts, "best_value": outcome.best_value,
+                           "best_params": outcome.best_params, "parent_run_id": outcome.parent_run_id}, indent=2))
+
+
+def _open(target: str, storage: str | None):
+    """The Optuna study named by a study file or by its name."""
+    import optuna
+
+    from orchestrator.config import SpecError
+    from orchestrator.study import default_storage_url, load_study, open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = target
+    if target.endswith((".yaml", ".yml")):
+        try:
+            spec = load_study(target)
+        except SpecError as exc:
+            fail(str(exc))
+        name, storage = spec.name, storage or spec.section.storage
+    url = storage or default_storage_url(name)
+    if url.startswith("journal:") and not os.path.exists(url[len("journal:"):]):
+        fail(f"no study {name!r}: {url[len('journal:'):]} does not exist (run `orch study run` first, "
+             "or pass --storage)")
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        fail(f"no study {name!r} in {url}")
+
+
+@study.command("show")
+@click.argument("target", metavar="FILE|NAME")
+@click.option("--storage", default=None, help="Optuna storage URL (default: the file's, or mlruns/optuna/NAME.journal).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def study_show(target: str, storage: str | None, as_json: bool) -> None:
+    """Table of the study's trials: number, state, value, params, duration."""
+    from orchestrator.coordinator import counts_of, trials_table
+
+    ostudy = _open(target, storage)
+    trials = ostudy.get_trials(deepcopy=False)
+    if as_json:
+        click.echo(json.dumps([{"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                                "params": t.params, "error": t.user_attrs.get("orch.error"),
+                                "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()
+                                if t.datetime_complete and t.datetime_start else None} for t in trials], indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"study {ostudy.study_name} ({ostudy.direction.name.lower()}): {counts_of(trials)}")
+    console.print(trials_table(trials))
+
+
+@study.command("best")
+@click.argument("target", metavar="FILE|NAME")
+@click.option("--storage", default=None, help="Optuna storage URL.")
+def study_best(target: str, storage: str | None) -> None:
+    """The best trial's number, value and params, as JSON."""
+    ostudy = _open(target, storage)
+    try:
+        best = ostudy.best_trial
+    except ValueError:
+        fail(f"study {ostudy.study_name!r} has no complete trial yet", code=1)
+    click.echo(json.dumps({"study": ostudy.study_name, "trial": best.number, "value": best.value,
+                           "params": best.params, "mlflow_run_id": best.user_attrs.get("orch.mlflow_run_id")},
+                          indent=2))
 
 
 # ---- ui -----------------------------------------------------------------------------------

@@ -25,7 +25,16 @@ RESERVED = {"cells": {"input_size"}, "modules": {"cell", "info"}, "datasets": se
 
 
 class SpecError(ValueError):
-    """A run or study file is invalid; the message says where and what to do."""
+    """A run or study file is invalid; the message says where and what to do.
+
+    ``key`` is the dotted setting at fault (when there is one) and ``detail`` the message without
+    its ``file:line`` prefix.
+    """
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.detail = detail or message
 
 
 class PluginSection(BaseModel):
@@ -71,6 +80,10 @@ class Source:
 
     path: str
     lines: dict[str, int]
+
+    def error(self, dotted: str, detail: str) -> SpecError:
+        """A :class:`SpecError` about ``dotted``, prefixed with the file and line."""
+        return SpecError(f"{self.where(dotted)}: {detail}", key=dotted, detail=detail)
 
     def where(self, dotted: str) -> str:
         parts = dotted.split(".")
@@ -163,19 +176,18 @@ def check_plugin_settings(section: str, kind: str, cls: type, settings: dict[str
     valid = sorted(k for k in params if k not in reserved)
     for key, value in settings.items():
         if key not in params or key in reserved:
-            raise SpecError(f"{src.where(f'{section}.{key}')}: unknown setting {section}.{key} for "
-                            f"{kind[:-1]} plugin; valid settings: {', '.join(valid) or 'none'}")
+            raise src.error(f"{section}.{key}", f"unknown setting {section}.{key} for {kind[:-1]} plugin "
+                            f"{cls.__name__}; valid settings: {', '.join(valid) or 'none'}")
         if key in hints:
             try:
                 TypeAdapter(hints[key]).validate_python(value)
             except ValidationError:
-                raise SpecError(f"{src.where(f'{section}.{key}')}: {section}.{key} = {value!r} is not "
-                                f"a valid {_type_name(hints[key])}") from None
+                raise src.error(f"{section}.{key}", f"{section}.{key} = {value!r} is not a valid "
+                                f"{_type_name(hints[key])}") from None
     missing = [k for k, p in params.items()
                if p.default is p.empty and k not in reserved and k not in settings]
     if missing:
-        raise SpecError(f"{src.where(section)}: section {section} is missing required setting(s) "
-                        f"{', '.join(missing)}")
+        raise src.error(section, f"section {section} is missing required setting(s) {', '.join(missing)}")
 
 
 def _type_name(hint: Any) -> str:
@@ -188,7 +200,7 @@ def check_trainer(trainer: dict[str, Any], src: Source) -> None:
     valid = [k for k in inspect.signature(Trainer.__init__).parameters if k != "self"]
     for key in trainer:
         if key not in valid:
-            raise SpecError(f"{src.where(f'trainer.{key}')}: unknown Trainer argument trainer.{key}; "
+            raise src.error(f"trainer.{key}", f"unknown Trainer argument trainer.{key}; "
                             f"valid: {', '.join(sorted(valid))}")
 
 
@@ -208,13 +220,13 @@ def validate(data: dict[str, Any], src: Source) -> RunSpec:
             msg = f"missing required key {dotted!r}"
         else:
             msg = f"{dotted}: {err['msg']} (got {err.get('input')!r})"
-        raise SpecError(f"{src.where(dotted)}: {msg}") from None
+        raise src.error(dotted, msg) from None
     for section, kind in PLUGIN_SECTIONS.items():
         plugin = getattr(spec, section)
         try:
             cls = registry.get(kind, plugin.plugin)
         except registry.PluginError as exc:
-            raise SpecError(f"{src.where(f'{section}.plugin')}: {exc}") from None
+            raise src.error(f"{section}.plugin", str(exc)) from None
         check_plugin_settings(section, kind, cls, plugin.settings, src)
     check_trainer(spec.trainer, src)
     return spec

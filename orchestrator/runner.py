@@ -40,9 +40,12 @@ class RunResult:
 
 
 def build(spec: RunSpec) -> Built:
-    """Resolve the three plugins through the registry and build them, checking they fit."""
+    """Seed, then resolve the three plugins through the registry and build them, checking they fit."""
+    import pytorch_lightning as pl
+
     from orchestrator.contracts.module import CellSpec
 
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
     plugins, classes = {}, {}
     for section, kind in PLUGIN_SECTIONS.items():
         info = registry.get_info(kind, getattr(spec, section).plugin)
@@ -81,10 +84,7 @@ def make_trainer(spec: RunSpec, *, callbacks=(), logger=None, root_dir: str | No
 
 def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: Built | None = None,
         **trainer_overrides) -> dict[str, float]:
-    """Seed, build and fit; returns the final ``callback_metrics`` (and test metrics if ``test``)."""
-    import pytorch_lightning as pl
-
-    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    """Build (unless given) and fit; returns the final ``callback_metrics`` (and test metrics if ``test``)."""
     built = built or build(spec)
     with tempfile.TemporaryDirectory(prefix="orch-") as root:
         trainer = make_trainer(spec, callbacks=callbacks, logger=logger, root_dir=root, **trainer_overrides)
@@ -106,50 +106,76 @@ def plugin_tags(plugins: dict[str, dict[str, str]]) -> dict[str, str]:
     return tags
 
 
-def tracked_run(spec: RunSpec, *, tracking_uri: str | None, experiment: str, run_name: str | None = None,
-                parent_run_id: str | None = None, tags: dict[str, str] | None = None, callbacks=(),
-                test: bool = False, **trainer_overrides) -> RunResult:
-    """Fit ``spec`` inside an MLflow run: params, tags, per-epoch metrics, config, traceback.
-
-    On an exception the run is marked FAILED with the traceback as ``traceback.txt`` and the
-    exception is re-raised for the caller (a study marks the trial failed and goes on).
-    """
-    import torch
-
+def start_run(mlf, experiment: str, *, run_name: str | None = None, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> str:
+    """Create an MLflow run (a child run when ``parent_run_id`` is given) and return its id."""
     from orchestrator import tracking
 
-    mlf = tracking.client(tracking_uri)
-    exp_id = tracking.experiment_id(mlf, experiment)
-    all_tags = {"orch.seed": str(spec.seed), "orch.version": dist_version("orch")}
+    all_tags = {"orch.version": dist_version("orch")}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags.update(tags or {})
-    run = mlf.create_run(exp_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
-    logger = None
-    try:
-        tracking.log_params(mlf, run_id, spec.flat_params())
-        mlf.log_text(run_id, yaml.safe_dump(spec.resolved(), sort_keys=False), "config.yaml")
-        built = build(spec)
-        device = str(spec.trainer.get("accelerator", "auto"))
-        if device in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-            device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-        elif device == "auto":
-            device = "cpu"
-        run_tags = {**plugin_tags(built.plugins), "orch.device": device}
-        for k, v in run_tags.items():
-            mlf.set_tag(run_id, k, v)
-        logger = tracking.EpochLogger(mlf, run_id)
-        metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, **trainer_overrides)
-        logger.flush()
-    except BaseException as exc:
-        if logger is not None:
-            logger.flush()  # keep the epochs that did finish
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        mlf.log_text(run_id, traceback.format_exc(), "traceback.txt")
-        mlf.set_tag(run_id, "orch.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlf.set_terminated(run_id, status)
-        raise
-    mlf.set_terminated(run_id, "FINISHED")
-    return RunResult(run_id, metrics, extra={"plugins": built.plugins, "device": device})
+    return mlf.create_run(tracking.experiment_id(mlf, experiment), run_name=run_name, tags=all_tags).info.run_id
 
+
+#: orch's final state of a run -> MLflow run status
+STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = None) -> None:
+    """Close a run with ``state`` (complete, pruned, failed, killed) and, for a failure, its traceback."""
+    if error is not None:
+        if isinstance(error, BaseException):
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            reason = f"{type(error).__name__}: {error}"
+        else:
+            text = reason = error
+        if state == "failed":
+            mlf.log_text(run_id, text, "traceback.txt")
+        mlf.set_tag(run_id, "orch.error" if state == "failed" else "orch.reason", reason[:5000])
+    mlf.set_tag(run_id, "orch.state", state)
+    mlf.set_terminated(run_id, STATUS[state])
+
+
+def device_of(spec: RunSpec) -> str:
+    import torch
+
+    device = str(spec.trainer.get("accelerator", "auto"))
+    if device in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    return "cpu" if device == "auto" else device
+
+
+def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
+                checkpoint: tuple[str, str] | None = None, **trainer_overrides) -> RunResult:
+    """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
+
+    ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
+    artifact ``checkpoints/best.ckpt``. Exceptions propagate (after the finished epochs are
+    flushed); the caller closes the run with :func:`end_run`.
+    """
+    from orchestrator import tracking
+
+    tracking.log_params(mlf, run_id, spec.flat_params())
+    mlf.log_text(run_id, yaml.safe_dump(spec.resolved(), sort_keys=False), "config.yaml")
+    built = build(spec)
+    device = device_of(spec)
+    for k, v in {**plugin_tags(built.plugins), "orch.device": device, "orch.seed": str(spec.seed)}.items():
+        mlf.set_tag(run_id, k, v)
+    logger = tracking.EpochLogger(mlf, run_id)
+    callbacks = list(callbacks)
+    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as ckpt_dir:
+        if checkpoint:
+            from pytorch_lightning.callbacks import ModelCheckpoint
+
+            best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=checkpoint[0], mode=checkpoint[1],
+                                   save_top_k=1, save_weights_only=True)
+            callbacks.append(best)
+            trainer_overrides["enable_checkpointing"] = True
+        try:
+            metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, **trainer_overrides)
+        finally:
+            logger.flush()  # keep the epochs that did finish
+        if checkpoint and best.best_model_path:
+            mlf.log_artifact(run_id, best.best_model_path, "checkpoints")
+    return RunResult(run_id, metrics, extra={"plugins": built.plugins, "device": device})

@@ -17,26 +17,10 @@ from plugins.datasets.echo import Echo
 from plugins.datasets.ptb import PTB, PTB_SHA256, DataError
 from plugins.datasets.sum_game import SYMBOLS, SumGame, all_sequences, decode, encode, running_sum
 
-NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
+from conftest import NAMES, shared_ptb_dir, write_corpus
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def write_corpus(folder: Path, seed: int = 0) -> dict[str, str]:
-    """A tiny PTB-like corpus in ``folder``; returns its SHA-256 per file name."""
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(30)] + ["<unk>", "N"]
-    folder.mkdir(parents=True, exist_ok=True)
-    sums = {}
-    for name, n_lines in zip(NAMES, (120, 30, 25)):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(n_lines)]
-        if name == "ptb.train.txt":
-            lines.append(" ".join(words))  # every word occurs in train
-        data = ("".join(f" {line} \n" for line in lines)).encode()
-        (folder / name).write_bytes(data)
-        sums[name] = hashlib.sha256(data).hexdigest()
-    return sums
-
-
 def reference_tokens(path: Path) -> list[str]:
     """PTB tokens the way TensorFlow's reader makes them."""
     return path.read_text().replace("\n", " <eos> ").split()
@@ -65,12 +49,6 @@ def check_stream(batches, x_stream: torch.Tensor, y_stream: torch.Tensor, rows: 
             both = torch.cat([x0[r], x1[r]]).reshape(-1, *x0.shape[2:]).squeeze(-1)
             assert torch.equal(both, x_stream[start:start + len(both)])
             assert torch.equal(torch.cat([y0[r], y1[r]]), y_stream[start:start + len(both)])
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    return folder, write_corpus(folder)
 
 
 @pytest.fixture
@@ -118,15 +96,8 @@ def test_ptb_vocab_is_train_only_by_frequency_then_alphabetical(corpus, tmp_path
         PTB(data_dir=str(bad), checksums=sums).describe()
 
 
-def real_ptb_dir() -> Path | None:
-    root = os.environ.get("ORCH_DATA_DIR")
-    candidates = [Path(root) / "ptb"] if root else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb")
-    return next((c for c in candidates if all((c / n).is_file() for n in NAMES)), None)
-
-
 def test_ptb_real_files():
-    folder = real_ptb_dir()
+    folder = shared_ptb_dir()
     if folder is None:
         pytest.skip("the Penn Treebank files are not here (set ORCH_DATA_DIR to a folder with ptb/)")
     ds = PTB(data_dir=str(folder))

@@ -1,0 +1,269 @@
+"""Trial workers: one process per device slot, each pulling the next trial as soon as it is free.
+
+A worker pins its device (``CUDA_VISIBLE_DEVICES``) and its torch threads before torch is
+imported, then loops: claim a trial under a lock (so that the budget shared by all workers,
+on this machine and others, is never overshot), sample its parameters, run it inside its own
+MLflow child run, and tell Optuna the outcome. Optuna and MLflow always end in the same state:
+complete, pruned (the pruner, or a per-epoch report), or failed (with the reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+#: a trial's user attributes that tie it to its worker and its MLflow run
+WORKER_ATTR = "orch.worker"
+RUN_ATTR = "orch.mlflow_run_id"
+ERROR_ATTR = "orch.error"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs: a GPU id (``None`` for CPU) and its torch threads."""
+
+    index: int
+    gpu: int | None
+    threads: int
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.gpu}" if self.gpu is not None else "cpu"
+
+
+def plan_slots(*, accelerator: str, devices: list[int] | None, workers: int | None,
+               trials_per_device: int, gpu_count: int, cpu_count: int) -> list[Slot]:
+    """The worker slots: ``trials_per_device`` per GPU (all visible ones unless ``devices``), else CPU slots."""
+    use_gpu = accelerator not in ("cpu",) and (devices or gpu_count)
+    if use_gpu:
+        ids = devices if devices else list(range(gpu_count))
+        per = max(1, cpu_count // (len(ids) * trials_per_device))
+        return [Slot(i, gpu, per) for i, gpu in enumerate(g for g in ids for _ in range(trials_per_device))]
+    n = workers or 1
+    return [Slot(i, None, max(1, cpu_count // n)) for i in range(n)]
+
+
+@dataclass
+class Job:
+    """Everything a worker process needs (picklable: sent to spawned processes)."""
+
+    study: object  # orchestrator.study.Study
+    storage_url: str
+    tracking_uri: str
+    parent_run_id: str
+    budget: int | None
+    deadline: float | None
+    seed_offset: int
+
+
+# ---- claiming trials ---------------------------------------------------------------------------
+def claim_lock(storage_url: str):
+    """A lock that makes "count the trials, then ask for one" atomic across workers."""
+    from filelock import FileLock
+
+    if storage_url.startswith("journal:"):
+        path = os.path.abspath(os.path.expanduser(storage_url[len("journal:"):]))
+        return FileLock(path + ".claim.lock")
+    if storage_url.startswith("sqlite:///"):
+        return FileLock(os.path.abspath(storage_url[len("sqlite:///"):]) + ".claim.lock")
+    return _AdvisoryLock(storage_url)
+
+
+class _AdvisoryLock:
+    """A PostgreSQL advisory lock, for workers on several machines sharing one RDB storage."""
+
+    KEY = 0x6F726368  # "orch"
+
+    def __init__(self, url: str):
+        self.url = url
+        self._engine = None
+        self._conn = None
+
+    def __enter__(self):
+        import sqlalchemy
+
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        self._conn = self._engine.connect()
+        if self._engine.dialect.name == "postgresql":
+            self._conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({self.KEY})"))
+        return self
+
+    def __exit__(self, *exc):
+        import sqlalchemy
+
+        if self._engine.dialect.name == "postgresql":
+            self._conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({self.KEY})"))
+        self._conn.close()
+
+
+def counted(trials) -> int:
+    """Trials that use up budget: every trial except those waiting to be picked up."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in trials if t.state != TrialState.WAITING)
+
+
+def claim(ostudy, budget: int | None, lock, deadline: float | None):
+    """The next trial, or ``None`` when the budget is used up or the deadline has passed."""
+    if deadline is not None and time.time() >= deadline:
+        return None
+    with lock:
+        if budget is not None and counted(ostudy.get_trials(deepcopy=False)) >= budget:
+            return None
+        trial = ostudy.ask()
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        return trial
+
+
+def worker_id(pid: int | None = None) -> str:
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+# ---- one trial ---------------------------------------------------------------------------------
+def pruning_callback(trial, metric: str):
+    """A Lightning callback reporting ``metric`` after each validation and pruning when told to."""
+    import optuna
+    import pytorch_lightning as pl
+
+    class Pruning(pl.Callback):
+        def on_validation_end(self, trainer, module):
+            if trainer.sanity_checking or metric not in trainer.callback_metrics:
+                return
+            value = float(trainer.callback_metrics[metric])
+            trial.report(value, trainer.current_epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {trainer.current_epoch} with {metric}={value:.6g}")
+
+    return Pruning()
+
+
+def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
+    """Run one claimed trial to its end in Optuna and MLflow; returns its state."""
+    import optuna
+
+    from orchestrator import runner
+    from orchestrator.config import SpecError
+    from orchestrator.contracts.module import NonFiniteLossError
+    from orchestrator.study import suggest
+
+    section = job.study.section
+    tags = {"orch.study": job.study.name, "orch.trial": str(trial.number), "orch.role": "trial",
+            "orch.worker": worker_id(), "orch.slot": slot.device}
+    run_id = runner.start_run(mlf, job.study.name, run_name=f"trial-{trial.number}",
+                              parent_run_id=job.parent_run_id, tags=tags)
+    trial.set_user_attr(RUN_ATTR, run_id)
+    trial.set_user_attr("orch.device", slot.device)
+    try:
+        params = suggest(trial, section, job.study.data)
+        spec = job.study.spec_for(params)
+        overrides = {"accelerator": "gpu", "devices": 1} if slot.gpu is not None else {"accelerator": "cpu"}
+        overrides["enable_progress_bar"] = False
+        mode = "min" if section.direction == "minimize" else "max"
+        result = runner.tracked_fit(spec, mlf, run_id, callbacks=[pruning_callback(trial, section.metric)],
+                                    checkpoint=(section.metric, mode) if section.checkpoint else None,
+                                    **overrides)
+        value = result.metrics.get(section.metric)
+        if value is None:
+            raise RuntimeError(f"the run did not log {section.metric!r}; it logged: "
+                               f"{', '.join(sorted(result.metrics)) or 'nothing'}")
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{section.metric} is {value}")
+    except optuna.TrialPruned as exc:
+        ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        runner.end_run(mlf, run_id, "pruned", str(exc))
+        return "pruned"
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:
+        reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr(ERROR_ATTR, reason[:2000])
+        ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
+        killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        runner.end_run(mlf, run_id, "killed" if killed else "failed", exc)
+        if killed:
+            raise
+        return "failed"
+    mlf.log_metric(run_id, "objective", value)
+    ostudy.tell(trial, value)
+    runner.end_run(mlf, run_id, "complete")
+    return "complete"
+
+
+# ---- the worker process ------------------------------------------------------------------------
+def worker_main(job: Job, slot: Slot) -> None:
+    """Entry point of a worker process (started with the ``spawn`` method)."""
+    # pin the device before anything can initialise CUDA
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
+    os.environ.setdefault("OMP_NUM_THREADS", str(slot.threads))
+    import logging
+    import warnings
+
+    import optuna
+    import pytorch_lightning  # noqa: F401 - sets its logger's level on import; quieten it after
+    import torch
+
+    torch.set_num_threads(slot.threads)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from orchestrator import tracking
+    from orchestrator.study import make_pruner, make_sampler, open_storage
+
+    section = job.study.section
+    ostudy = optuna.load_study(study_name=job.study.name, storage=open_storage(job.storage_url),
+                               sampler=make_sampler(section, seed_offset=job.seed_offset + slot.index),
+                               pruner=make_pruner(section, job.study.base.trainer.get("max_epochs")))
+    mlf = tracking.client(job.tracking_uri)
+    lock = claim_lock(job.storage_url)
+    while True:
+        trial = claim(ostudy, job.budget, lock, job.deadline)
+        if trial is None:
+            return
+        run_trial(job, ostudy, trial, mlf, slot)
+
+
+def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
+    """Mark FAILED the running trials whose worker is gone, in Optuna and MLflow alike.
+
+    ``dead``: the ids (:func:`worker_id`) of workers known to have died; ``None``: every worker of
+    this host whose process no longer exists (what an earlier, killed invocation left behind).
+    """
+    import optuna
+
+    from orchestrator import runner
+
+    failed = []
+    host = socket.gethostname()
+    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = t.user_attrs.get(WORKER_ATTR, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if dead is not None and owner not in dead:
+            continue
+        if dead is None and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
+            continue
+        reason = f"worker {owner or '?'} died while running this trial"
+        with contextlib.suppress(Exception):
+            ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, reason)
+        try:
+            ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - finished meanwhile by someone else
+            continue
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):
+                runner.end_run(mlf, run_id, "failed", reason)
+        failed.append(t.number)
+    return failed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
