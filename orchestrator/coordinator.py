@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from orchestrator import tracking, workers
 from orchestrator.config import SpecError
-from orchestrator.study import Study, default_storage_url, open_storage
+from orchestrator.study import Study, default_storage_url, grid_size, open_storage
 
 
 @dataclass
@@ -103,6 +103,9 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     section = study.section
     budget = trials if trials is not None else section.trials
     timeout = timeout if timeout is not None else section.timeout
+    size = grid_size(section)
+    if size is not None and (budget is None or budget > size):
+        budget = size  # a grid is done once every point has been tried
     if budget is None and timeout is None:
         raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass --trials/--timeout")
     storage_url = storage_url or section.storage or default_storage_url(study.name)

@@ -320,8 +320,25 @@ def make_sampler(section: StudySection, seed_offset: int = 0):
         return optuna.samplers.CmaEsSampler(**opts)
     if kind == "qmc":
         return optuna.samplers.QMCSampler(**opts)
-    grid = {k: p.grid() for k, p in section.space.items()}
-    return optuna.samplers.GridSampler(grid, **opts)
+    class Grid(optuna.samplers.GridSampler):
+        # Optuna's grid sampler stops the study from inside ``tell`` once the grid is covered,
+        # which is only allowed within ``Study.optimize``; orch's workers stop on the budget,
+        # which the coordinator caps at the grid size.
+        def after_trial(self, study, trial, state, values):
+            pass
+
+    return Grid(grid_points(section), **opts)
+
+
+def grid_points(section: StudySection) -> dict[str, list]:
+    return {k: p.grid() for k, p in section.space.items()}
+
+
+def grid_size(section: StudySection) -> int | None:
+    """Number of points of a grid study (``None`` for other samplers)."""
+    if section.sampler.type != "grid":
+        return None
+    return math.prod(len(v) for v in grid_points(section).values())
 
 
 def make_pruner(section: StudySection, max_epochs: int | None):

@@ -1,0 +1,267 @@
+"""`orch study run`: real studies with real worker processes, Optuna storage and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+
+FLAKY = """
+[orch.modules]
+flaky = flaky_module:Flaky
+"""
+
+FLAKY_SRC = """
+import time
+from plugins.modules import StepClassification
+
+class Flaky(StepClassification):
+    '''Trains like step_classification, or raises, or produces a NaN loss, or hangs.'''
+
+    def __init__(self, cell, info, mode: str = "ok", **kwargs):
+        super().__init__(cell, info, **kwargs)
+        self.mode = mode
+
+    def loss(self, pred, y):
+        loss = super().loss(pred, y)
+        if self.training and self.mode == "raise":
+            raise RuntimeError("boom: this trial raises")
+        if self.training and self.mode == "nan":
+            return loss * float("nan")
+        if self.training and self.mode == "hang":
+            time.sleep(0.2)
+        return loss
+"""
+
+
+def echo_study(**study):
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "dataset": {"plugin": "echo", "length": 1500, "val_length": 300},
+        "cell": {"plugin": "lstm", "hidden_size": 8},
+        "module": {"plugin": "step_classification", "lr": 0.01},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu"},
+        "study": {"metric": "val_acc", "direction": "maximize", "trials": 4,
+                  "sampler": {"type": "random", "seed": 0}, **study},
+    }
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def orch(*args, cwd, env=None, timeout=600):
+    """`orch ...` in a real process (workers are spawned processes)."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def load(tmp_path, name="tiny"):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "mlruns" / "optuna" / f"{name}.journal")))
+    study = optuna.load_study(study_name=name, storage=storage)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("orch.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("orch.role") == "trial"]
+    return study, client, parents, children
+
+
+STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED"), "FAIL": ("failed", "FAILED")}
+
+
+def check_agreement(study, parents, children):
+    """Exactly one child run per trial, under the one parent run, in the same final state."""
+    assert len(parents) == 1
+    by_trial = {}
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        number = int(r.data.tags["orch.trial"])
+        assert number not in by_trial, f"two MLflow runs for trial {number}"
+        by_trial[number] = r
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(by_trial) == [t.number for t in trials]
+    for t in trials:
+        run = by_trial[t.number]
+        assert (run.data.tags["orch.state"], run.info.status) == STATES[t.state.name], t.number
+        assert t.user_attrs["orch.mlflow_run_id"] == run.info.run_id
+    return by_trial
+
+
+def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
+    path = write(tmp_path / "tiny.yaml", echo_study(space={
+        "cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},
+        "module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}}))
+    proc = orch("study", "run", path, "--workers", "2", "--trials", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["complete"] == 5 and out["failed"] == 0
+    study, client, parents, children = load(tmp_path)
+    assert len(study.trials) == 5  # the budget is exact, with two workers pulling trials
+    by_trial = check_agreement(study, parents, children)
+    assert len({r.data.tags["orch.worker"] for r in children}) == 2  # both workers ran trials
+    run = by_trial[0]
+    assert run.data.params["cell.hidden_size"] == str(study.trials[0].params["cell.hidden_size"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "checkpoints"}
+    assert client.list_artifacts(run.info.run_id, "checkpoints")[0].path == "checkpoints/best.ckpt"
+    assert float(parents[0].data.metrics["best_val_acc"]) == pytest.approx(study.best_value)
+    assert parents[0].data.tags["best.trial"] == str(study.best_trial.number)
+    plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert plots == {"plots/optimization_history.png", "plots/parallel_coordinate.png",
+                     "plots/param_importances.png"}
+
+    # the same command again: the budget is met, nothing runs
+    proc = orch("study", "run", path, "--workers", "2", "--trials", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study, _, parents, children = load(tmp_path)
+    assert len(study.trials) == 5 and len(children) == 5
+    # a larger budget adds the difference, still one parent run and no duplicates
+    proc = orch("study", "run", path, "--workers", "2", "--trials", "7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study, _, parents, children = load(tmp_path)
+    assert len(study.trials) == 7
+    check_agreement(study, parents, children)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == 7  # resumed workers did not replay the first invocation's samples
+
+    # show and best read the same storage
+    monkeypatch.chdir(tmp_path)
+    shown = CliRunner().invoke(main, ["study", "show", "tiny", "--json"])
+    best = CliRunner().invoke(main, ["study", "best", "tiny"])
+    rows = json.loads(shown.stdout)
+    assert [r["number"] for r in rows] == list(range(7)) and all(r["state"] == "complete" for r in rows)
+    assert json.loads(best.stdout)["value"] == pytest.approx(study.best_value)
+
+
+def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path, fake_dist):
+    root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
+    data = echo_study(trials=3, sampler={"type": "grid"},
+                      space={"module.mode": {"type": "categorical", "choices": ["raise", "nan", "ok"]}})
+    data["module"] = {"plugin": "flaky", "lr": 0.01, "nan_check_every": 1}
+    path = write(tmp_path / "tiny.yaml", data)
+    proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path, env={"PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    study, client, parents, children = load(tmp_path)
+    by_trial = check_agreement(study, parents, children)
+    by_mode = {t.params["module.mode"]: t for t in study.trials}
+    assert by_mode["ok"].state.name == "COMPLETE"
+    assert by_mode["raise"].state.name == "FAIL"
+    assert "boom: this trial raises" in by_mode["raise"].user_attrs["orch.error"]
+    assert by_mode["nan"].state.name == "FAIL"
+    assert "train_loss became nan" in by_mode["nan"].user_attrs["orch.error"]
+    failed_run = by_trial[by_mode["raise"].number]
+    text = open(mlflow.artifacts.download_artifacts(run_id=failed_run.info.run_id, artifact_path="traceback.txt",
+                                                    tracking_uri=client.tracking_uri)).read()
+    assert "Traceback" in text and "boom: this trial raises" in text
+    assert "became nan" in by_trial[by_mode["nan"].number].data.tags["orch.error"]
+
+
+def test_killed_worker_fails_its_trial_and_the_study_continues(tmp_path, fake_dist):
+    root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
+    data = echo_study(trials=3, sampler={"type": "grid"},
+                      space={"module.mode": {"type": "categorical", "choices": ["hang", "ok", "fine"]}})
+    data["module"] = {"plugin": "flaky", "lr": 0.01}
+    data["trainer"]["max_epochs"] = 20
+    path = write(tmp_path / "tiny.yaml", data)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, "--workers", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    journal = tmp_path / "mlruns" / "optuna" / "tiny.journal"
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline:
+        time.sleep(0.5)
+        if not journal.exists():
+            continue
+        study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.params.get("module.mode") == "hang" and "orch.mlflow_run_id" in t.user_attrs:
+                victim = t
+    assert victim is not None, "no hanging trial started"
+    time.sleep(2)  # let it get into training
+    os.kill(int(victim.user_attrs["orch.worker"].rsplit(":", 1)[1]), 9)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "exited with code -9" in stderr
+    study, client, parents, children = load(tmp_path)
+    check_agreement(study, parents, children)
+    assert len(study.trials) == 3  # the killed trial used its point of the grid; the others ran
+    killed = study.trials[victim.number]
+    assert killed.state.name == "FAIL" and "died" in killed.user_attrs["orch.error"]
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+
+
+BAD = [
+    ("unknown key", {"study": {"metrik": "val_acc"}}, "unknown key 'study.metrik'"),
+    ("wrong type", {"cell": {"hidden_size": "big"}}, "cell.hidden_size = 'big' is not a valid int"),
+    ("unknown plugin", {"cell": {"plugin": "gru"}}, "unknown cell plugin 'gru'; available: diy_lstm, lstm, rnn"),
+    ("impossible range", {"space": {"module.lr": {"type": "float", "low": 1.0, "high": 0.1}}},
+     "low (1.0) is greater than high (0.1)"),
+    ("unknown sampler", {"study": {"sampler": {"type": "bayes"}}}, "valid: tpe, random, cmaes, grid, qmc"),
+    ("bad space key", {"space": {"cell.hiden_size": {"type": "int", "low": 1, "high": 4}}},
+     "unknown setting cell.hiden_size"),
+    ("setting of another plugin", {"space": {"cell.plugin": {"type": "categorical", "choices": ["lstm", "rnn"]},
+                                             "cell.forget_bias": {"type": "float", "low": 0, "high": 1}}},
+     "unknown setting cell.forget_bias"),
+]
+
+
+@pytest.mark.parametrize("label,change,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_file_is_one_clear_message_exit_2_and_writes_nothing(tmp_path, monkeypatch, label, change,
+                                                                       message):
+    data = echo_study(space={"cell.hidden_size": {"type": "int", "low": 4, "high": 8}})
+    for section, values in change.items():
+        if section == "space":
+            data["study"]["space"].update(values)
+        elif section == "study":
+            data["study"].update(values)
+        else:
+            data[section].update(values)
+    path = write(tmp_path / "bad.yaml", data)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["study", "run", path])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.startswith(f"error: {path}:")  # file and line
+    line = int(result.stderr.split(":")[2])
+    assert line > 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_conditional_parameter_is_dropped_when_its_condition_fails(tmp_path):
+    from orchestrator.study import load_study
+
+    data = echo_study(space={"cell.plugin": {"type": "categorical", "choices": ["lstm", "rnn"]},
+                             "cell.forget_bias": {"type": "float", "low": 0, "high": 1,
+                                                  "when": {"cell.plugin": ["lstm", "diy_lstm"]}}})
+    data["cell"]["forget_bias"] = 1.0
+    study = load_study(write(tmp_path / "s.yaml", data))
+    assert study.spec_for({"cell.plugin": "rnn"}).cell.settings == {"hidden_size": 8}
+    assert study.spec_for({"cell.plugin": "lstm", "cell.forget_bias": 0.5}).cell.settings == {
+        "hidden_size": 8, "forget_bias": 0.5}
+    trial_params = []
+    ostudy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    from orchestrator.study import suggest
+
+    for _ in range(12):
+        trial = ostudy.ask()
+        trial_params.append(suggest(trial, study.section, study.data))
+        ostudy.tell(trial, 0.0)
+    assert all(("cell.forget_bias" in p) == (p["cell.plugin"] == "lstm") for p in trial_params)
+    assert {p["cell.plugin"] for p in trial_params} == {"lstm", "rnn"}
