@@ -109,9 +109,8 @@ class _LSTMLayer(torch.autograd.Function):
         for t in range(T):
             g = torch.addmm(gates_x[t], hs[t], w_hh_t)
             a = acts[t]
-            torch.sigmoid(g[:, :2 * H], out=a[:, :2 * H])
+            torch.sigmoid(g, out=a)                       # i, f, o (g's slot is overwritten next)
             torch.tanh(g[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H])
-            torch.sigmoid(g[:, 3 * H:], out=a[:, 3 * H:])
             c = cs[t + 1]
             torch.mul(a[:, H:2 * H], cs[t], out=c)
             c.addcmul_(a[:, :H], a[:, 2 * H:3 * H])
@@ -127,25 +126,29 @@ class _LSTMLayer(torch.autograd.Function):
         H = H4 // 4
         i, f, g, o = acts[..., :H], acts[..., H:2 * H], acts[..., 2 * H:3 * H], acts[..., 3 * H:]
         tanh_c = torch.tanh(cs[1:])
-        # derivative of each gate's activation w.r.t. its pre-activation, for all steps at once
-        d_act = torch.empty_like(acts)
-        torch.mul(acts, 1 - acts, out=d_act)
-        d_act[..., 2 * H:3 * H] = 1 - g * g
+        # Everything that does not depend on the backward recursion, for all steps at once:
+        # d pre-activation = dc * k[i, f, g] for the first three gates, dh * k_o for the output gate.
+        k = torch.empty_like(acts)
+        torch.mul(g, i * (1 - i), out=k[..., :H])
+        torch.mul(cs[:-1], f * (1 - f), out=k[..., H:2 * H])
+        torch.mul(i, 1 - g * g, out=k[..., 2 * H:3 * H])
+        torch.mul(tanh_c, o * (1 - o), out=k[..., 3 * H:])
+        k3 = k[..., :3 * H].view(T, B, 3, H)
         o_dtanh = o * (1 - tanh_c * tanh_c)         # d c_t / d h_t along the output path
         d_gates = torch.empty_like(acts)
+        d_g3 = d_gates[..., :3 * H].view(T, B, 3, H)
         d_out = d_out.transpose(0, 1) if d_out is not None else x.new_zeros(T, B, H)
-        dh = d_hT if d_hT is not None else x.new_zeros(B, H)
+        dh_next = d_hT if d_hT is not None else x.new_zeros(B, H)
         dc = d_cT.clone() if d_cT is not None else x.new_zeros(B, H)
+        dh = dh_next + d_out[T - 1]
         for t in range(T - 1, -1, -1):
-            dh = dh + d_out[t]
             dc.addcmul_(dh, o_dtanh[t])
-            dg = d_gates[t]
-            torch.mul(dc, g[t], out=dg[:, :H])
-            torch.mul(dc, cs[t], out=dg[:, H:2 * H])
-            torch.mul(dc, i[t], out=dg[:, 2 * H:3 * H])
-            torch.mul(dh, tanh_c[t], out=dg[:, 3 * H:])
-            dg.mul_(d_act[t])
-            dh = dg @ w_hh
+            torch.mul(dc.unsqueeze(1), k3[t], out=d_g3[t])
+            torch.mul(dh, k[t, :, 3 * H:], out=d_gates[t, :, 3 * H:])
+            if t > 0:
+                dh = torch.addmm(d_out[t - 1], d_gates[t], w_hh)
+            else:
+                dh = d_gates[t] @ w_hh
             dc = dc * f[t]
         flat = d_gates.view(T * B, H4)
         x_tb = x.transpose(0, 1).reshape(T * B, -1)
