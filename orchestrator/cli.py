@@ -154,6 +154,7 @@ def _open(target: str, storage: str | None):
 
     from orchestrator.config import SpecError
     from orchestrator.study import default_storage_url, load_study, open_storage
+    from orchestrator.tracking import redact
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = target
@@ -170,7 +171,9 @@ def _open(target: str, storage: str | None):
     try:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        fail(f"no study {name!r} in {url}")
+        fail(f"no study {name!r} in {redact(url)}")
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
+        fail(f"cannot open the Optuna storage {redact(url)}: {type(exc).__name__}: {redact(str(exc))}")
 
 
 @study.command("show")
@@ -180,12 +183,13 @@ def _open(target: str, storage: str | None):
 def study_show(target: str, storage: str | None, as_json: bool) -> None:
     """Table of the study's trials: number, state, value, params, duration."""
     from orchestrator.coordinator import counts_of, trials_table
+    from orchestrator.workers import ERROR_ATTR
 
     ostudy = _open(target, storage)
     trials = ostudy.get_trials(deepcopy=False)
     if as_json:
         click.echo(json.dumps([{"number": t.number, "state": t.state.name.lower(), "value": t.value,
-                                "params": t.params, "error": t.user_attrs.get("orch.error"),
+                                "params": t.params, "error": t.user_attrs.get(ERROR_ATTR),
                                 "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()
                                 if t.datetime_complete and t.datetime_start else None} for t in trials], indent=2))
         return
@@ -201,13 +205,15 @@ def study_show(target: str, storage: str | None, as_json: bool) -> None:
 @click.option("--storage", default=None, help="Optuna storage URL.")
 def study_best(target: str, storage: str | None) -> None:
     """The best trial's number, value and params, as JSON."""
+    from orchestrator.workers import RUN_ATTR
+
     ostudy = _open(target, storage)
     try:
         best = ostudy.best_trial
     except ValueError:
         fail(f"study {ostudy.study_name!r} has no complete trial yet", code=1)
     click.echo(json.dumps({"study": ostudy.study_name, "trial": best.number, "value": best.value,
-                           "params": best.params, "mlflow_run_id": best.user_attrs.get("orch.mlflow_run_id")},
+                           "params": best.params, "mlflow_run_id": best.user_attrs.get(RUN_ATTR)},
                           indent=2))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ class RunSpec(BaseModel):
         return self.model_dump(exclude_none=True)
 
     def flat_params(self) -> dict[str, Any]:
-        """Dotted ``section.key`` -> value for every setting (MLflow params)."""
+        """Dotted ``section.key`` -> value for every setting (MLflow params; no URLs, so no passwords)."""
         out: dict[str, Any] = {"seed": self.seed}
         for section in ("dataset", "cell", "module", "trainer"):
             values = getattr(self, section)
@@ -74,6 +75,23 @@ class RunSpec(BaseModel):
 
 
 # ---- YAML with line numbers ----------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, with YAML 1.2 floats: ``1e-3`` is a number, not the string PyYAML makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 @dataclass
 class Source:
     """Where a spec came from, to point errors at lines."""
@@ -111,8 +129,8 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], Source]:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -128,17 +146,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if not sep or not key.strip():
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, for example cell.hidden_size=200")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
         node = data
-        for part in parts[:-1]:
+        while len(parts) > 1:
+            # the longest existing key first, so dotted keys such as a search space's
+            # "cell.hidden_size" can be addressed: study.space.cell.hidden_size.high=400
+            n = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in node), 1)
+            part, parts = ".".join(parts[:n]), parts[n:]
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise SpecError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = value
+        node[parts[0]] = value
     return data
 
 
@@ -170,7 +192,10 @@ def _accepted(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
 
 
 def check_plugin_settings(section: str, kind: str, cls: type, settings: dict[str, Any], src: Source) -> None:
-    """Unknown keys, missing required keys and wrong types of one plugin section."""
+    """Unknown keys, missing required keys and wrong types of one plugin section.
+
+    Values are converted in place to the plugin's annotated types (``"5"`` -> ``5`` for an int).
+    """
     params, hints = _accepted(cls)
     reserved = RESERVED[kind]
     valid = sorted(k for k in params if k not in reserved)
@@ -180,7 +205,7 @@ def check_plugin_settings(section: str, kind: str, cls: type, settings: dict[str
                             f"{cls.__name__}; valid settings: {', '.join(valid) or 'none'}")
         if key in hints:
             try:
-                TypeAdapter(hints[key]).validate_python(value)
+                settings[key] = TypeAdapter(hints[key]).validate_python(value)
             except ValidationError:
                 raise src.error(f"{section}.{key}", f"{section}.{key} = {value!r} is not a valid "
                                 f"{_type_name(hints[key])}") from None
@@ -227,7 +252,7 @@ def validate(data: dict[str, Any], src: Source) -> RunSpec:
             cls = registry.get(kind, plugin.plugin)
         except registry.PluginError as exc:
             raise src.error(f"{section}.plugin", str(exc)) from None
-        check_plugin_settings(section, kind, cls, plugin.settings, src)
+        check_plugin_settings(section, kind, cls, plugin.__pydantic_extra__, src)
     check_trainer(spec.trainer, src)
     return spec
 

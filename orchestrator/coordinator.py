@@ -32,8 +32,12 @@ def create_or_load(study: Study, storage_url: str):
     import optuna
 
     direction = study.section.direction
-    storage = open_storage(storage_url)
-    ostudy = optuna.create_study(study_name=study.name, storage=storage, direction=direction, load_if_exists=True)
+    try:
+        ostudy = optuna.create_study(study_name=study.name, storage=open_storage(storage_url), direction=direction,
+                                     load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
+        raise SpecError(f"cannot open the Optuna storage {tracking.redact(storage_url)}: {type(exc).__name__}: "
+                        f"{tracking.redact(str(exc))}") from None
     stored = ostudy.direction.name.lower()
     if stored != direction:
         raise SpecError(f"{study.src.where('study.direction')}: study {study.name!r} in "
@@ -65,7 +69,7 @@ def parent_run(mlf, study: Study, storage_url: str) -> str:
     tracking.log_params(mlf, run_id, params)
     import yaml
 
-    mlf.log_text(run_id, yaml.safe_dump(study.data, sort_keys=False), "study.yaml")
+    mlf.log_text(run_id, tracking.redact(yaml.safe_dump(study.data, sort_keys=False)), "study.yaml")
     return run_id
 
 
@@ -135,14 +139,14 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
 
 def _slots(study: Study, devices: list[int] | None, workers_n: int | None) -> list[workers.Slot]:
     accelerator = str(study.base.trainer.get("accelerator", "auto"))
+    devices = devices or study.section.resources.devices
     gpu_count = 0
     if accelerator != "cpu":
         import torch
 
         gpu_count = torch.cuda.device_count()
         if devices and any(d >= gpu_count or d < 0 for d in devices):
-            raise SpecError(f"--devices {devices}: this machine has {gpu_count} visible GPU(s)")
-    devices = devices or study.section.resources.devices
+            raise SpecError(f"devices {devices}: this machine has {gpu_count} visible GPU(s)")
     return workers.plan_slots(accelerator=accelerator, devices=devices, workers=workers_n,
                               trials_per_device=study.section.resources.trials_per_device,
                               gpu_count=gpu_count, cpu_count=os.cpu_count() or 1)
@@ -161,6 +165,7 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
     for slot in slots:
         start(slot)
     last = ""
+    crashes = {slot.index: 0 for slot in slots}  # consecutive crashes with no trial finished between
     display = _Display(live)
     try:
         with display:
@@ -173,9 +178,14 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                     del procs[slot.index]
                     if p.exitcode != 0:
                         failed = workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid)})
+                        crashes[slot.index] = crashes[slot.index] + 1 if not failed else 0
+                        give_up = crashes[slot.index] >= 3
                         echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
-                             + (f"; trial(s) {failed} marked failed" if failed else "") + "; restarting it")
-                        start(slot)
+                             + (f"; trial(s) {failed} marked failed" if failed else "")
+                             + ("; it keeps failing before running a trial, so it is not restarted"
+                                if give_up else "; restarting it"))
+                        if not give_up:
+                            start(slot)
                 trials = ostudy.get_trials(deepcopy=False)
                 best, _ = best_of(ostudy)
                 line = _progress(job.study.name, counts_of(trials), budget, best, job.study.section.metric)

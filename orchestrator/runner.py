@@ -5,10 +5,12 @@ Used by ``orch train`` (one run of a file's fixed settings) and by every study t
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
+import warnings
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from typing import Any
 
@@ -32,11 +34,9 @@ class Built:
 
 @dataclass
 class RunResult:
-    run_id: str | None
+    run_id: str
     metrics: dict[str, float]
-    status: str = "FINISHED"
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    plugins: dict[str, dict[str, str]]
 
 
 def build(spec: RunSpec) -> Built:
@@ -65,9 +65,23 @@ def build(spec: RunSpec) -> Built:
     return Built(datamodule, module, info, plugins)
 
 
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's product tip and a deprecation warning raised inside Lightning itself."""
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in log.filters):
+        log.addFilter(_NoAdverts())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def make_trainer(spec: RunSpec, *, callbacks=(), logger=None, root_dir: str | None = None, **overrides):
     import pytorch_lightning as pl
 
+    _quiet_lightning()
     args: dict[str, Any] = {
         "logger": logger if logger is not None else False,
         "enable_checkpointing": False,
@@ -93,8 +107,6 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
         if test:
             for result in trainer.test(built.module, datamodule=built.datamodule, verbose=False):
                 metrics.update({k: float(v) for k, v in result.items()})
-                if logger is not None:
-                    logger.log_metrics(dict(result), step=trainer.current_epoch)
     return metrics
 
 
@@ -157,7 +169,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     from orchestrator import tracking
 
     tracking.log_params(mlf, run_id, spec.flat_params())
-    mlf.log_text(run_id, yaml.safe_dump(spec.resolved(), sort_keys=False), "config.yaml")
+    mlf.log_text(run_id, tracking.redact(yaml.safe_dump(spec.resolved(), sort_keys=False)), "config.yaml")
     built = build(spec)
     device = device_of(spec)
     for k, v in {**plugin_tags(built.plugins), "orch.device": device, "orch.seed": str(spec.seed)}.items():
@@ -178,4 +190,4 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
             logger.flush()  # keep the epochs that did finish
         if checkpoint and best.best_model_path:
             mlf.log_artifact(run_id, best.best_model_path, "checkpoints")
-    return RunResult(run_id, metrics, extra={"plugins": built.plugins, "device": device})
+    return RunResult(run_id, metrics, built.plugins)

@@ -219,19 +219,6 @@ def _section(data: dict[str, Any], src: Source) -> StudySection:
     return section
 
 
-def _corners(section: StudySection, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameter sets that exercise every categorical choice and both ends of every range."""
-    keys = list(section.space)
-    options = []
-    for key in keys:
-        p = section.space[key]
-        options.append(p.choices if isinstance(p, CategoricalParam) else [p.low, p.high])
-    combos = []
-    for values in itertools.islice(itertools.product(*options), 256):
-        combos.append(active_params(section, dict(zip(keys, values)), base))
-    return combos
-
-
 def _lookup(data: dict[str, Any], dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):
@@ -241,15 +228,28 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def active_params(section: StudySection, values: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``values`` whose ``when`` conditions hold, in space order."""
+def resolve_params(section: StudySection, pick, base: dict[str, Any]) -> dict[str, Any]:
+    """The active parameters, in space order: ``pick(key, param)`` gives each value, and a
+    parameter whose ``when`` condition fails (on earlier or fixed settings) is left out."""
     active: dict[str, Any] = {}
     for key, p in section.space.items():
         if p.when and not all((active[k] if k in active else _lookup(base, k)) in allowed
                               for k, allowed in p.when.items()):
             continue
-        active[key] = values[key]
+        active[key] = pick(key, p)
     return active
+
+
+def _corners(section: StudySection, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Parameter sets covering every combination of categorical choices, each with all ranges
+    at their low ends and at their high ends."""
+    cats = [k for k, p in section.space.items() if isinstance(p, CategoricalParam)]
+    combos = []
+    for choice in itertools.product(*(section.space[k].choices for k in cats)):
+        chosen = dict(zip(cats, choice))
+        for end in ("low", "high"):
+            combos.append(resolve_params(section, lambda k, p: chosen[k] if k in chosen else getattr(p, end), base))
+    return combos
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
@@ -271,6 +271,16 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                 p.grid()
             except ValueError as exc:
                 raise src.error(f"study.space.{key}", f"{exc}") from None
+    for what, make in (("sampler", lambda: make_sampler(section)),
+                       ("pruner", lambda: make_pruner(section, base.trainer.get("max_epochs")))):
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make()
+        except Exception as exc:  # noqa: BLE001 - Optuna's own message names the bad option
+            raise src.error(f"study.{what}", f"study.{what}: {type(exc).__name__}: {exc}") from None
     study = Study(data, section, src, base)
     # every combination of choices and range ends must make a valid run
     for params in _corners(section, data):
@@ -288,18 +298,15 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 # ---- Optuna objects ------------------------------------------------------------------------------
 def suggest(trial, section: StudySection, base: dict[str, Any]) -> dict[str, Any]:
     """Sample the active parameters of ``trial`` (define-by-run, honouring ``when``)."""
-    active: dict[str, Any] = {}
-    for key, p in section.space.items():
-        if p.when and not all((active[k] if k in active else _lookup(base, k)) in allowed
-                              for k, allowed in p.when.items()):
-            continue
+
+    def pick(key, p):
         if isinstance(p, CategoricalParam):
-            active[key] = trial.suggest_categorical(key, p.choices)
-        elif isinstance(p, IntParam):
-            active[key] = trial.suggest_int(key, p.low, p.high, step=p.step, log=p.log)
-        else:
-            active[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
-    return active
+            return trial.suggest_categorical(key, p.choices)
+        if isinstance(p, IntParam):
+            return trial.suggest_int(key, p.low, p.high, step=p.step, log=p.log)
+        return trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+
+    return resolve_params(section, pick, base)
 
 
 def make_sampler(section: StudySection, seed_offset: int = 0):
@@ -310,7 +317,9 @@ def make_sampler(section: StudySection, seed_offset: int = 0):
 
     opts = section.sampler.options
     kind = section.sampler.type
-    if opts.get("seed") is not None and kind != "qmc":
+    if kind == "qmc":
+        opts.setdefault("seed", 0)  # one sequence for every worker, indexed by trial number
+    elif opts.get("seed") is not None and kind != "grid":  # a grid's order must be shared too
         opts["seed"] = int(opts["seed"]) + seed_offset
     if kind == "tpe":
         return optuna.samplers.TPESampler(**opts)

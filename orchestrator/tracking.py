@@ -34,9 +34,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def redact(uri: str) -> str:
-    """A URL with any password replaced by ``***`` (for logs, params and messages)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
+def redact(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***`` (for logs, params, messages)."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
 
 
 def client(uri: str | None = None):

@@ -108,11 +108,17 @@ def counted(trials) -> int:
     return sum(1 for t in trials if t.state != TrialState.WAITING)
 
 
-def claim(ostudy, budget: int | None, lock, deadline: float | None):
-    """The next trial, or ``None`` when the budget is used up or the deadline has passed."""
+def claim(ostudy, budget: int | None, lock, deadline: float | None, mlf=None):
+    """The next trial, or ``None`` when the budget is used up or the deadline has passed.
+
+    With an RDB storage (several machines), trials whose heartbeat stopped (a lost node) are
+    failed first, in Optuna and MLflow, so that they neither hang nor block the budget.
+    """
     if deadline is not None and time.time() >= deadline:
         return None
     with lock:
+        if mlf is not None:
+            fail_stale(ostudy, mlf)
         if budget is not None and counted(ostudy.get_trials(deepcopy=False)) >= budget:
             return None
         trial = ostudy.ask()
@@ -195,8 +201,13 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
 # ---- the worker process ------------------------------------------------------------------------
 def worker_main(job: Job, slot: Slot) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
-    # pin the device before anything can initialise CUDA
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
+    # pin the device before anything can initialise CUDA; slot.gpu indexes the GPUs the
+    # coordinator could see, which may themselves be a CUDA_VISIBLE_DEVICES selection
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if slot.gpu is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[slot.gpu] if visible else str(slot.gpu)
     os.environ.setdefault("OMP_NUM_THREADS", str(slot.threads))
     import logging
     import warnings
@@ -219,10 +230,50 @@ def worker_main(job: Job, slot: Slot) -> None:
     mlf = tracking.client(job.tracking_uri)
     lock = claim_lock(job.storage_url)
     while True:
-        trial = claim(ostudy, job.budget, lock, job.deadline)
+        trial = claim(ostudy, job.budget, lock, job.deadline, mlf)
         if trial is None:
             return
-        run_trial(job, ostudy, trial, mlf, slot)
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        # RDB storages: a heartbeat marks this trial alive for workers on other machines
+        with get_heartbeat_thread(trial._trial_id, ostudy._storage):
+            run_trial(job, ostudy, trial, mlf, slot)
+
+
+def fail_stale(ostudy, mlf) -> list[int]:
+    """Fail the running trials whose heartbeat is older than the storage's grace period."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = ostudy._storage
+    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+        return []
+    stale = set(storage._get_stale_trial_ids(ostudy._study_id))
+    trials = [t for t in ostudy.get_trials(deepcopy=False) if t._trial_id in stale]
+    return fail_trials(ostudy, mlf, trials, lambda t: f"worker {t.user_attrs.get(WORKER_ATTR, '?')} stopped "
+                       "sending heartbeats (lost node or killed process)")
+
+
+def fail_trials(ostudy, mlf, trials, reason) -> list[int]:
+    """Mark ``trials`` FAILED with ``reason(trial)``, in Optuna and in their MLflow runs."""
+    import optuna
+
+    from orchestrator import runner
+
+    failed = []
+    for t in trials:
+        why = reason(t)
+        with contextlib.suppress(Exception):
+            ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, why)
+        try:
+            ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - finished meanwhile by someone else
+            continue
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):
+                runner.end_run(mlf, run_id, "failed", why)
+        failed.append(t.number)
+    return failed
 
 
 def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
@@ -233,10 +284,8 @@ def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
     """
     import optuna
 
-    from orchestrator import runner
-
-    failed = []
     host = socket.gethostname()
+    orphans = []
     for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = t.user_attrs.get(WORKER_ATTR, "")
         owner_host, _, pid = owner.rpartition(":")
@@ -244,19 +293,9 @@ def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
             continue
         if dead is None and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
             continue
-        reason = f"worker {owner or '?'} died while running this trial"
-        with contextlib.suppress(Exception):
-            ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, reason)
-        try:
-            ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-        except Exception:  # noqa: BLE001 - finished meanwhile by someone else
-            continue
-        run_id = t.user_attrs.get(RUN_ATTR)
-        if run_id:
-            with contextlib.suppress(Exception):
-                runner.end_run(mlf, run_id, "failed", reason)
-        failed.append(t.number)
-    return failed
+        orphans.append(t)
+    return fail_trials(ostudy, mlf, orphans,
+                       lambda t: f"worker {t.user_attrs.get(WORKER_ATTR) or '?'} died while running this trial")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -182,6 +182,12 @@ class DIYLSTMCell(_LSTMBase):
         return [getattr(self, f"bias_ih_l{k}") for k in range(self.num_layers)]
 
     def forward(self, x: torch.Tensor, state: State):
+        with torch.autocast(x.device.type, enabled=False):
+            # the hand-written backward works in one dtype: the weights'
+            dtype = self.weight_hh_l0.dtype
+            return self._forward(x.to(dtype), tuple(s.to(dtype) for s in state))
+
+    def _forward(self, x: torch.Tensor, state: State):
         h0, c0 = state
         hs, cs = [], []
         out = x

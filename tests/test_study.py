@@ -213,6 +213,7 @@ BAD = [
     ("impossible range", {"space": {"module.lr": {"type": "float", "low": 1.0, "high": 0.1}}},
      "low (1.0) is greater than high (0.1)"),
     ("unknown sampler", {"study": {"sampler": {"type": "bayes"}}}, "valid: tpe, random, cmaes, grid, qmc"),
+    ("bad pruner option", {"study": {"pruner": {"type": "median", "n_warmup_step": 4}}}, "n_warmup_step"),
     ("bad space key", {"space": {"cell.hiden_size": {"type": "int", "low": 1, "high": 4}}},
      "unknown setting cell.hiden_size"),
     ("setting of another plugin", {"space": {"cell.plugin": {"type": "categorical", "choices": ["lstm", "rnn"]},
@@ -265,3 +266,19 @@ def test_conditional_parameter_is_dropped_when_its_condition_fails(tmp_path):
         ostudy.tell(trial, 0.0)
     assert all(("cell.forget_bias" in p) == (p["cell.plugin"] == "lstm") for p in trial_params)
     assert {p["cell.plugin"] for p in trial_params} == {"lstm", "rnn"}
+
+
+@pytest.mark.slow
+def test_ptb_small_one_epoch_study_on_cpu(tmp_path):
+    """Acceptance: `orch study run studies/ptb_small.yaml --trials 1 --set trainer.max_epochs=1` (minutes)."""
+    from conftest import REPO, shared_ptb_dir
+
+    folder = shared_ptb_dir()
+    if folder is None:
+        pytest.skip("the Penn Treebank files are not here (set ORCH_DATA_DIR)")
+    proc = orch("study", "run", str(REPO / "studies" / "ptb_small.yaml"), "--trials", "1",
+                "--set", "trainer.max_epochs=1", cwd=tmp_path, env={"ORCH_DATA_DIR": str(folder.parent)},
+                timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["complete"] == 1 and out["best_value"] < 250

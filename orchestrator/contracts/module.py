@@ -96,6 +96,8 @@ class SequenceModule(pl.LightningModule):
         self._train_steps = 0
         self._train_elems = 0
         self._epoch_t0 = 0.0
+        self._eval_t0: float | None = None
+        self._paused = 0.0  # seconds of validation inside the current training epoch
 
     # ---- hooks for subclasses -------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -153,6 +155,7 @@ class SequenceModule(pl.LightningModule):
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_steps = 0
         self._train_elems = 0
+        self._paused = 0.0
         self._epoch_t0 = time.perf_counter()
 
     def training_step(self, batch, batch_idx):
@@ -175,15 +178,16 @@ class SequenceModule(pl.LightningModule):
         if not self._train_steps:
             return
         self._check_finite()
-        elapsed = max(time.perf_counter() - self._epoch_t0, 1e-9)
+        elapsed = max(time.perf_counter() - self._epoch_t0 - self._paused, 1e-9)
         self.log_dict({
             "train_loss": float(self._train_loss_sum) / self._train_steps,
-            "lr": self.optimizers().param_groups[0]["lr"] if self._trainer else self.lr,
-            "tokens_per_s": self._train_elems / elapsed,
+            "lr": self.optimizers().param_groups[0]["lr"],
+            "tokens_per_s": self._train_elems / elapsed,  # training time only, validation excluded
         })
 
     # ---- evaluation -----------------------------------------------------------------------
     def _eval_start(self, split: str, names: tuple[str, ...]) -> None:
+        self._eval_t0 = time.perf_counter()
         self.reset_states(split)
         for name in names:
             self._acc[name] = defaultdict(float)
@@ -194,6 +198,9 @@ class SequenceModule(pl.LightningModule):
         self.accumulate(self._acc[names[dataloader_idx]], pred, y, self.loss(pred, y))
 
     def _eval_end(self, names: tuple[str, ...]) -> None:
+        if self._eval_t0 is not None:
+            self._paused += time.perf_counter() - self._eval_t0
+            self._eval_t0 = None
         metrics = {}
         for name in names:
             acc = self._acc.pop(name)
@@ -231,6 +238,8 @@ class SequenceModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        # the module's clip_grad_norm, unless the Trainer's gradient_clip_val/algorithm are set
+        if gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif self.clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")

@@ -17,7 +17,10 @@ from orchestrator.contracts.cell import detach_state
 
 def plain_tbptt(module, batches: Iterable, *, max_steps: int | None = None,
                 device: str | torch.device = "cpu") -> dict:
-    """Train ``module`` on ``(x, y)`` windows of one stream; returns losses, steps, elements, seconds.
+    """Train ``module`` on ``(x, y)`` windows of one stream.
+
+    Returns the per-token ``losses``, ``steps``, ``elements`` (tokens), ``seconds`` in all, and
+    ``step_starts``: the clock at the start of every step plus one final entry at the end.
 
     The learning rate, optimiser and clipping are the module's settings. The state is carried
     across windows and detached at each boundary; the backpropagated loss is
@@ -30,10 +33,12 @@ def plain_tbptt(module, batches: Iterable, *, max_steps: int | None = None,
     state = None
     losses: list[torch.Tensor] = []
     elems = 0
+    starts = []
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
+        starts.append(time.perf_counter())
         x, y = x.to(device), y.to(device)
         if state is None:
             state = module.cell.init_state(x.shape[0], device)
@@ -49,5 +54,6 @@ def plain_tbptt(module, batches: Iterable, *, max_steps: int | None = None,
         elems += y.numel()
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+    starts.append(time.perf_counter())
     return {"losses": [float(v) for v in losses], "steps": len(losses), "elements": elems,
-            "seconds": time.perf_counter() - t0}
+            "seconds": starts[-1] - t0, "step_starts": starts}
