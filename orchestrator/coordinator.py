@@ -195,15 +195,17 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                 time.sleep(0.5)
     except KeyboardInterrupt:
         echo("interrupted: stopping the workers; their running trials are marked failed")
+        # a Ctrl-C at the terminal reaches the workers too: give them time to close their trials
         for p in procs.values():
+            p.join(timeout=15)
             if p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
-        for p in procs.values():
-            p.join(timeout=30)
+                p.join(timeout=15)
             if p.is_alive():
                 p.kill()
                 p.join()
         workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()})
+        mlf.set_terminated(job.parent_run_id, "KILLED")
         raise
 
 

@@ -179,22 +179,24 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
                                f"{', '.join(sorted(result.metrics)) or 'nothing'}")
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{section.metric} is {value}")
+    # MLflow is closed before Optuna is told: should the process die in between, the trial is
+    # still RUNNING in Optuna, so the coordinator fails it in both, and the two stay in agreement
     except optuna.TrialPruned as exc:
-        ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
         runner.end_run(mlf, run_id, "pruned", str(exc))
+        ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return "pruned"
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
         reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr(ERROR_ATTR, reason[:2000])
-        ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
         runner.end_run(mlf, run_id, "killed" if killed else "failed", exc)
+        ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
         if killed:
             raise
         return "failed"
     mlf.log_metric(run_id, "objective", value)
-    ostudy.tell(trial, value)
     runner.end_run(mlf, run_id, "complete")
+    ostudy.tell(trial, value)
     return "complete"
 
 

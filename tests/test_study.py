@@ -282,3 +282,57 @@ def test_ptb_small_one_epoch_study_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["complete"] == 1 and out["best_value"] < 250
+
+
+def test_median_pruner_prunes_from_the_epoch_metric(tmp_path):
+    # lr 1e-9 cannot learn the echo; lr 0.05 learns it within the first epoch: once a good
+    # trial has finished, a frozen one falls below the median at its first report and is pruned
+    data = echo_study(trials=6, pruner={"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                      space={"module.lr": {"type": "categorical", "choices": [0.05, 1e-9]}})
+    data["dataset"]["length"] = 3000
+    data["trainer"]["max_epochs"] = 4
+    path = write(tmp_path / "tiny.yaml", data)
+    proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study, client, parents, children = load(tmp_path)
+    by_trial = check_agreement(study, parents, children)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned, [(t.params, t.state.name) for t in study.trials]
+    for t in pruned:
+        assert t.params["module.lr"] == 1e-9
+        assert len(t.intermediate_values) < 4  # stopped before its last epoch
+        history = client.get_metric_history(by_trial[t.number].info.run_id, "val_acc")
+        assert len(history) == len(t.intermediate_values)
+        assert "pruned after epoch" in by_trial[t.number].data.tags["orch.reason"]
+    assert all(t.params["module.lr"] == 0.05 for t in study.trials if t.state.name == "COMPLETE")
+
+
+def test_ui_serves_the_store_on_loopback(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        body = None
+        while time.time() < deadline and body is None:
+            time.sleep(1)
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read().decode()
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+        assert body is not None and "OK" in body
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        if listening:  # bound to loopback only
+            assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+        assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    finally:  # the server and its worker processes
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
