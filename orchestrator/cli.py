@@ -18,6 +18,16 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def preflight(spec, file: str) -> None:
+    """Missing data or a module that does not fit its dataset: exit 2 before anything is written."""
+    from orchestrator import runner
+
+    try:
+        runner.preflight(spec)
+    except Exception as exc:  # noqa: BLE001 - a dataset plugin's own error says what is wrong
+        fail(f"{file}: {type(exc).__name__}: {exc}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="orch")
 def main() -> None:
@@ -75,6 +85,7 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
         spec, _ = load_spec(file, overrides)
     except SpecError as exc:
         fail(str(exc))
+    preflight(spec, file)
     from orchestrator import runner, tracking
     from orchestrator.contracts.module import NonFiniteLossError
 
@@ -134,6 +145,7 @@ def study_run(file, trials, timeout, workers_n, devices, overrides, storage, tra
         spec = load_study(file, overrides)
     except SpecError as exc:
         fail(str(exc))
+    preflight(spec.base, file)
     from orchestrator.coordinator import run_study
 
     try:

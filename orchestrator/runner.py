@@ -39,13 +39,8 @@ class RunResult:
     plugins: dict[str, dict[str, str]]
 
 
-def build(spec: RunSpec) -> Built:
-    """Seed, then resolve the three plugins through the registry and build them, checking they fit."""
-    import pytorch_lightning as pl
-
-    from orchestrator.contracts.module import CellSpec
-
-    pl.seed_everything(spec.seed, workers=True, verbose=False)
+def _data(spec: RunSpec):
+    """Resolve the plugins, build the dataset and check that the module trains its task."""
     plugins, classes = {}, {}
     for section, kind in PLUGIN_SECTIONS.items():
         info = registry.get_info(kind, getattr(spec, section).plugin)
@@ -60,8 +55,27 @@ def build(spec: RunSpec) -> Built:
         raise IncompatibleError(
             f"module {spec.module.plugin!r} trains {', '.join(module_cls.tasks) or 'no task'}, but dataset "
             f"{spec.dataset.plugin!r} is a {info.task} task; modules that fit it: {', '.join(fitting) or 'none'}")
+    return classes, plugins, datamodule, info
+
+
+def preflight(spec: RunSpec) -> None:
+    """Check, before anything is written, that the data is there and the module fits the dataset.
+
+    Raises :class:`IncompatibleError`, or the dataset's own error (missing or corrupt files, ...).
+    """
+    _data(spec)
+
+
+def build(spec: RunSpec) -> Built:
+    """Seed, then resolve the three plugins through the registry and build them, checking they fit."""
+    import pytorch_lightning as pl
+
+    from orchestrator.contracts.module import CellSpec
+
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    classes, plugins, datamodule, info = _data(spec)
     cell = CellSpec(spec.cell.plugin, classes["cell"], spec.cell.settings)
-    module = module_cls(cell=cell, info=info, **spec.module.settings)
+    module = classes["module"](cell=cell, info=info, **spec.module.settings)
     return Built(datamodule, module, info, plugins)
 
 

@@ -160,10 +160,24 @@ def test_incompatible_dataset_and_module_fail_before_training(tmp_path):
     data["module"] = {"plugin": "language_model"}
     result = CliRunner().invoke(main, ["train", write_yaml(tmp_path / "bad.yaml", data),
                                        "--tracking-uri", str(tmp_path / "mlruns")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
+    assert not (tmp_path / "mlruns").exists()  # nothing written
     assert "module 'language_model' trains language_model, but dataset 'echo' is a step_classification task" \
         in result.output
     assert "modules that fit it: step_classification" in result.output
+
+
+def test_missing_data_is_one_message_and_writes_nothing(tmp_path, monkeypatch):
+    data = echo_run(tmp_path)
+    data["dataset"] = {"plugin": "ptb", "data_dir": str(tmp_path / "nowhere")}
+    data["module"] = {"plugin": "language_model"}
+    monkeypatch.chdir(tmp_path)
+    for args in (["train"], ["study", "run"]):
+        data["study"] = {"metric": "val_ppl", "direction": "minimize", "trials": 1}
+        result = CliRunner().invoke(main, [*args, write_yaml(tmp_path / "ptb.yaml", data)])
+        assert result.exit_code == 2, result.output
+        assert "ptb.train.txt" in result.stderr and "data_dir" in result.stderr
+        assert not (tmp_path / "mlruns").exists()
 
 
 def test_orch_train_logs_params_epoch_metrics_tags_and_config(tmp_path):
