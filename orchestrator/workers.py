@@ -186,10 +186,14 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
         ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return "pruned"
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
-        reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
-        trial.set_user_attr(ERROR_ATTR, reason[:2000])
+        # Lightning turns Ctrl-C into SystemExit; either way the trial ends failed, as in Optuna
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        runner.end_run(mlf, run_id, "killed" if killed else "failed", exc)
+        if killed:
+            reason = "interrupted (Ctrl-C or a signal) while running"
+        else:
+            reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr(ERROR_ATTR, reason[:2000])
+        runner.end_run(mlf, run_id, "failed", reason if killed else exc)
         ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
         if killed:
             raise
