@@ -190,7 +190,10 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                 best, _ = best_of(ostudy)
                 line = _progress(job.study.name, counts_of(trials), budget, best, job.study.section.metric)
                 if line != last:
-                    display.update(line, trials) if live else echo(line)
+                    if live:
+                        display.update(line, trials)
+                    else:
+                        echo(line)
                     last = line
                 time.sleep(0.5)
     except KeyboardInterrupt:
@@ -230,10 +233,8 @@ class _Display:
 
     def update(self, line: str, trials) -> None:
         from rich.console import Group
-        from rich.table import Table
 
-        table = trials_table(trials[-15:])
-        self.live.update(Group(line, table) if isinstance(table, Table) else line)
+        self.live.update(Group(line, trials_table(trials[-15:])))
 
 
 def trials_table(trials):

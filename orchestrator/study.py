@@ -24,8 +24,10 @@ Parameters are sampled in the order written; ``when`` makes a parameter exist on
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -160,7 +162,7 @@ class Study:
         A searched setting whose ``when`` condition does not hold is absent from the run, even if
         the file also gives it a fixed value (``cell.forget_bias`` for an ``rnn`` cell).
         """
-        data = apply_overrides(self.data, [])
+        data = copy.deepcopy(self.data)
         for key in self.section.space:
             node = data
             *parents, last = key.split(".")
@@ -274,8 +276,6 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for what, make in (("sampler", lambda: make_sampler(section)),
                        ("pruner", lambda: make_pruner(section, base.trainer.get("max_epochs")))):
         try:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 make()
