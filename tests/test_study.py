@@ -102,9 +102,14 @@ def check_agreement(study, parents, children):
 
 
 def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
-    path = write(tmp_path / "tiny.yaml", echo_study(space={
+    spec = echo_study(space={
         "cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},
-        "module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}}))
+        "module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
+    # trials of a few seconds each: far longer than the spread in the workers' start-up times,
+    # so that one worker cannot finish the whole budget before the other has started
+    spec["dataset"].update(length=60000, val_length=400)
+    spec["trainer"]["max_epochs"] = 2
+    path = write(tmp_path / "tiny.yaml", spec)
     proc = orch("study", "run", path, "--workers", "2", "--trials", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -115,7 +120,7 @@ def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
     assert len({r.data.tags["orch.worker"] for r in children}) == 2  # both workers ran trials
     run = by_trial[0]
     assert run.data.params["cell.hidden_size"] == str(study.trials[0].params["cell.hidden_size"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "checkpoints"}
     assert client.list_artifacts(run.info.run_id, "checkpoints")[0].path == "checkpoints/best.ckpt"
     assert float(parents[0].data.metrics["best_val_acc"]) == pytest.approx(study.best_value)
