@@ -74,10 +74,13 @@ def parent_run(mlf, study: Study, storage_url: str) -> str:
 
 
 def counts_of(trials) -> dict[str, int]:
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+    """Trials by state; ``interrupted`` (stopped by the user, retried) are apart from ``failed``."""
+    out = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0, "running": 0, "waiting": 0}
     for t in trials:
         key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}[t.state.name]
+        if key == "failed" and t.user_attrs.get(workers.INTERRUPTED_ATTR):
+            key = "interrupted"
         out[key] += 1
     return out
 
@@ -94,8 +97,9 @@ def _progress(name: str, counts: dict[str, int], budget: int | None, best: float
     done = counts["complete"] + counts["pruned"] + counts["failed"]
     total = f"/{budget}" if budget else ""
     best_text = f"{best:.6g}" if best is not None else "-"
+    interrupted = f", {counts['interrupted']} interrupted" if counts.get("interrupted") else ""
     return (f"study {name}: {done}{total} done ({counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['failed']} failed), {counts['running']} running; best {metric} {best_text}")
+            f"{counts['failed']} failed{interrupted}), {counts['running']} running; best {metric} {best_text}")
 
 
 def run_study(study: Study, *, trials: int | None, timeout: float | None, workers_n: int | None,
@@ -121,14 +125,19 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     if orphans:
         echo(f"marked trials {orphans} failed: their worker process is gone")
     parent_id = parent_run(mlf, study, storage_url)
+    with workers.claim_lock(storage_url):
+        retries = workers.requeue_interrupted(ostudy)
+    if retries:
+        echo(f"trials {retries} were interrupted: they are queued to run again with the same parameters")
 
-    already = workers.counted(ostudy.get_trials(deepcopy=False))
+    trials_so_far = ostudy.get_trials(deepcopy=False)
+    already = workers.counted(trials_so_far)
     slots = _slots(study, devices, workers_n or section.resources.workers)
     if budget is not None:
         slots = slots[:max(budget - already, 0)] or []
     deadline = time.time() + timeout if timeout else None
     job = workers.Job(study=study, storage_url=storage_url, tracking_uri=uri, parent_run_id=parent_id,
-                      budget=budget, deadline=deadline, seed_offset=already * 7919)
+                      budget=budget, deadline=deadline, seed_offset=len(trials_so_far) * 7919)
     echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
          f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
          f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {tracking.redact(storage_url)}; "
@@ -197,7 +206,8 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                     last = line
                 time.sleep(0.5)
     except KeyboardInterrupt:
-        echo("interrupted: stopping the workers; their running trials are marked failed")
+        echo("interrupted: stopping the workers; their running trials are marked interrupted, "
+             "and the same command runs them again")
         # a Ctrl-C at the terminal reaches the workers too: give them time to close their trials
         for p in procs.values():
             p.join(timeout=15)
@@ -207,7 +217,8 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
-        workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()})
+        workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()},
+                             interrupted=True)
         mlf.set_terminated(job.parent_run_id, "KILLED")
         raise
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 WORKER_ATTR = "orch.worker"
 RUN_ATTR = "orch.mlflow_run_id"
 ERROR_ATTR = "orch.error"
+#: set on a trial stopped by the user (Ctrl-C): it uses no budget and is retried by the next run
+INTERRUPTED_ATTR = "orch.interrupted"
+#: on a retry, the number of the interrupted trial it repeats
+RETRY_ATTR = "orch.retry_of"
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,28 @@ class _AdvisoryLock:
 
 
 def counted(trials) -> int:
-    """Trials that use up budget: every trial except those waiting to be picked up."""
+    """Trials that use up budget: all but those waiting to be picked up and those the user interrupted."""
     from optuna.trial import TrialState
 
-    return sum(1 for t in trials if t.state != TrialState.WAITING)
+    return sum(1 for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get(INTERRUPTED_ATTR))
+
+
+def requeue_interrupted(ostudy) -> list[int]:
+    """Queue one retry, with the same parameters, of each trial that a Ctrl-C stopped.
+
+    Call it under the claim lock. The retry is an ordinary WAITING trial: the next worker to ask
+    for a trial gets it, and it uses the budget like any other.
+    """
+    from optuna.trial import TrialState
+
+    trials = ostudy.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    queued = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried:
+            ostudy.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number})
+            queued.append(t.number)
+    return queued
 
 
 def claim(ostudy, budget: int | None, lock, deadline: float | None, mlf=None):
@@ -160,6 +182,8 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
     section = job.study.section
     tags = {"orch.study": job.study.name, "orch.trial": str(trial.number), "orch.role": "trial",
             "orch.worker": worker_id(), "orch.slot": slot.device}
+    if RETRY_ATTR in trial.user_attrs:
+        tags[RETRY_ATTR] = str(trial.user_attrs[RETRY_ATTR])
     run_id = runner.start_run(mlf, job.study.name, run_name=f"trial-{trial.number}",
                               parent_run_id=job.parent_run_id, tags=tags)
     trial.set_user_attr(RUN_ATTR, run_id)
@@ -189,7 +213,8 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
         # Lightning turns Ctrl-C into SystemExit; either way the trial ends failed, as in Optuna
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
         if killed:
-            reason = "interrupted (Ctrl-C or a signal) while running"
+            reason = "interrupted (Ctrl-C or a signal) while running; the next run retries it"
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
         else:
             reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr(ERROR_ATTR, reason[:2000])
@@ -259,8 +284,11 @@ def fail_stale(ostudy, mlf) -> list[int]:
                        "sending heartbeats (lost node or killed process)")
 
 
-def fail_trials(ostudy, mlf, trials, reason) -> list[int]:
-    """Mark ``trials`` FAILED with ``reason(trial)``, in Optuna and in their MLflow runs."""
+def fail_trials(ostudy, mlf, trials, reason, interrupted: bool = False) -> list[int]:
+    """Mark ``trials`` FAILED with ``reason(trial)``, in Optuna and in their MLflow runs.
+
+    ``interrupted``: the user stopped them; they use no budget and the next run retries them.
+    """
     import optuna
 
     from orchestrator import runner
@@ -270,6 +298,8 @@ def fail_trials(ostudy, mlf, trials, reason) -> list[int]:
         why = reason(t)
         with contextlib.suppress(Exception):
             ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, why)
+            if interrupted:
+                ostudy._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
         try:
             ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
         except Exception:  # noqa: BLE001 - finished meanwhile by someone else
@@ -282,11 +312,12 @@ def fail_trials(ostudy, mlf, trials, reason) -> list[int]:
     return failed
 
 
-def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
+def fail_orphans(ostudy, mlf, dead: set[str] | None = None, interrupted: bool = False) -> list[int]:
     """Mark FAILED the running trials whose worker is gone, in Optuna and MLflow alike.
 
     ``dead``: the ids (:func:`worker_id`) of workers known to have died; ``None``: every worker of
     this host whose process no longer exists (what an earlier, killed invocation left behind).
+    ``interrupted``: the workers were stopped by the user (see :func:`fail_trials`).
     """
     import optuna
 
@@ -300,6 +331,9 @@ def fail_orphans(ostudy, mlf, dead: set[str] | None = None) -> list[int]:
         if dead is None and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
             continue
         orphans.append(t)
+    if interrupted:
+        return fail_trials(ostudy, mlf, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
+                           "retries it", interrupted=True)
     return fail_trials(ostudy, mlf, orphans,
                        lambda t: f"worker {t.user_attrs.get(WORKER_ATTR) or '?'} died while running this trial")
 

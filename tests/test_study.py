@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -175,6 +176,23 @@ def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp
     assert "became nan" in by_trial[by_mode["nan"].number].data.tags["orch.error"]
 
 
+def running_hang_trial(tmp_path, name="tiny"):
+    """Wait for a trial in mode 'hang' to be running with its MLflow run, then for it to be training."""
+    journal = tmp_path / "mlruns" / "optuna" / f"{name}.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if not journal.exists():
+            continue
+        study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.params.get("module.mode", "hang") == "hang" and "orch.mlflow_run_id" in t.user_attrs:
+                time.sleep(2)  # let it get into training
+                return t
+    raise AssertionError("no hanging trial started")
+
+
 def test_killed_worker_fails_its_trial_and_the_study_continues(tmp_path, fake_dist):
     root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
     data = echo_study(trials=3, sampler={"type": "grid"},
@@ -185,20 +203,7 @@ def test_killed_worker_fails_its_trial_and_the_study_continues(tmp_path, fake_di
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, "--workers", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root)})
-    journal = tmp_path / "mlruns" / "optuna" / "tiny.journal"
-    victim = None
-    deadline = time.time() + 120
-    while victim is None and time.time() < deadline:
-        time.sleep(0.5)
-        if not journal.exists():
-            continue
-        study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(journal))))
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.params.get("module.mode") == "hang" and "orch.mlflow_run_id" in t.user_attrs:
-                victim = t
-    assert victim is not None, "no hanging trial started"
-    time.sleep(2)  # let it get into training
+    victim = running_hang_trial(tmp_path)
     os.kill(int(victim.user_attrs["orch.worker"].rsplit(":", 1)[1]), 9)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
@@ -345,3 +350,42 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(tmp_path, fake_dist):
+    root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
+    data = echo_study(trials=2, space={"module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
+    data["module"] = {"plugin": "flaky", "lr": 0.01, "mode": "hang"}  # 20 steps of 0.2 s per epoch
+    data["trainer"]["max_epochs"] = 2
+    path = write(tmp_path / "tiny.yaml", data)
+    env = {"PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, "--workers", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env}, start_new_session=True)
+    victim = running_hang_trial(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does: the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    study, client, parents, children = load(tmp_path)
+    by_trial = check_agreement(study, parents, children)
+    [stopped] = study.trials
+    assert stopped.number == victim.number and stopped.state.name == "FAIL"
+    assert stopped.user_attrs["orch.interrupted"] is True and "interrupted" in stopped.user_attrs["orch.error"]
+    assert "interrupted" in by_trial[stopped.number].data.tags["orch.error"]
+
+    # the same command: the interrupted trial used no budget and runs again with its parameters
+    proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["complete"], out["failed"], out["interrupted"]) == (2, 0, 1)
+    study, client, parents, children = load(tmp_path)
+    by_trial = check_agreement(study, parents, children)
+    assert len(study.trials) == 3
+    retry, fresh = study.trials[1:]
+    assert retry.params == stopped.params and retry.user_attrs["orch.retry_of"] == stopped.number
+    assert by_trial[retry.number].data.tags["orch.retry_of"] == str(stopped.number)
+    assert fresh.params != stopped.params and "orch.retry_of" not in fresh.user_attrs
+    # and a third run has nothing left to do: the retry is not queued twice
+    proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(load(tmp_path)[0].trials) == 3
