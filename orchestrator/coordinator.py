@@ -121,12 +121,13 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = create_or_load(study, storage_url)
     mlf = tracking.client(uri)
-    orphans = workers.fail_orphans(ostudy, mlf)  # trials of workers that died in an earlier invocation
+    # under the claim lock, no worker is between asking for a trial and recording itself as its owner
+    with workers.claim_lock(storage_url):
+        orphans = workers.fail_orphans(ostudy, mlf)  # trials of workers that died in an earlier invocation
+        retries = workers.requeue_interrupted(ostudy)
     if orphans:
         echo(f"marked trials {orphans} failed: their worker process is gone")
     parent_id = parent_run(mlf, study, storage_url)
-    with workers.claim_lock(storage_url):
-        retries = workers.requeue_interrupted(ostudy)
     if retries:
         echo(f"trials {retries} were interrupted: they are queued to run again with the same parameters")
 

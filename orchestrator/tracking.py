@@ -40,8 +40,12 @@ def redact(text: str) -> str:
 
 
 def client(uri: str | None = None):
+    import logging
+
     import mlflow
 
+    # MLflow's INFO lines (creating and migrating the store's tables) are noise in a run's output
+    logging.getLogger("mlflow.store").setLevel(logging.WARNING)
     return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 

@@ -316,7 +316,9 @@ def fail_orphans(ostudy, mlf, dead: set[str] | None = None, interrupted: bool = 
     """Mark FAILED the running trials whose worker is gone, in Optuna and MLflow alike.
 
     ``dead``: the ids (:func:`worker_id`) of workers known to have died; ``None``: every worker of
-    this host whose process no longer exists (what an earlier, killed invocation left behind).
+    this host whose process no longer exists (what an earlier, killed invocation left behind),
+    and every trial with no owner at all (its worker died while claiming it; call this under the
+    claim lock, so that no live worker is in the middle of a claim).
     ``interrupted``: the workers were stopped by the user (see :func:`fail_trials`).
     """
     import optuna
@@ -328,14 +330,14 @@ def fail_orphans(ostudy, mlf, dead: set[str] | None = None, interrupted: bool = 
         owner_host, _, pid = owner.rpartition(":")
         if dead is not None and owner not in dead:
             continue
-        if dead is None and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
+        if dead is None and owner and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
             continue
         orphans.append(t)
     if interrupted:
         return fail_trials(ostudy, mlf, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
                            "retries it", interrupted=True)
-    return fail_trials(ostudy, mlf, orphans,
-                       lambda t: f"worker {t.user_attrs.get(WORKER_ATTR) or '?'} died while running this trial")
+    return fail_trials(ostudy, mlf, orphans, lambda t: f"worker {t.user_attrs[WORKER_ATTR]} died while running "
+                       "this trial" if t.user_attrs.get(WORKER_ATTR) else "its worker died while claiming it")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -385,7 +385,13 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     assert retry.params == stopped.params and retry.user_attrs["orch.retry_of"] == stopped.number
     assert by_trial[retry.number].data.tags["orch.retry_of"] == str(stopped.number)
     assert fresh.params != stopped.params and "orch.retry_of" not in fresh.user_attrs
-    # and a third run has nothing left to do: the retry is not queued twice
+    # a trial that a worker asked for but died before recording itself as its owner
+    ownerless = study.ask()
+    # a third run has nothing left to do: the retry is not queued twice, and the ownerless trial
+    # (no worker can be in the middle of a claim while the run holds the claim lock) is failed
     proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert len(load(tmp_path)[0].trials) == 3
+    study = load(tmp_path)[0]
+    assert len(study.trials) == 4 and study.trials[3].number == ownerless.number
+    assert study.trials[3].state.name == "FAIL"
+    assert study.trials[3].user_attrs["orch.error"] == "its worker died while claiming it"
