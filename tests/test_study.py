@@ -361,7 +361,9 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     env = {"PYTHONPATH": str(root)}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, "--workers", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env}, start_new_session=True)
+                            env={**os.environ, **env}, start_new_session=True,
+                            # a shell without job control starts background jobs with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     victim = running_hang_trial(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does: the whole foreground group
     _, stderr = proc.communicate(timeout=120)
