@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+from studyrun import study_run
 
 
 def main() -> None:
@@ -35,15 +32,7 @@ def main() -> None:
                  "trainer.accelerator=cpu", *args.overrides]
     results = []
     for n in args.workers:
-        with tempfile.TemporaryDirectory() as cwd:
-            cmd = [sys.executable, "-m", "orchestrator.cli", "study", "run", study, "--workers", str(n),
-                   "--trials", str(args.trials)] + [a for o in overrides for a in ("--set", o)]
-            t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=os.environ)
-            wall = time.perf_counter() - t
-            if proc.returncode != 0:
-                sys.exit(f"orch study run failed:\n{proc.stderr[-3000:]}")
-            out = json.loads(proc.stdout)
+        out, wall, _ = study_run(study, workers=n, trials=args.trials, overrides=overrides)
         row = {"workers": n, "trials": out["complete"], "failed": out["failed"], "wall_s": round(wall, 1),
                "trials_per_hour": round(out["complete"] / wall * 3600, 1)}
         results.append(row)

@@ -117,6 +117,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     if budget is None and timeout is None:
         raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass --trials/--timeout")
     storage_url = storage_url or section.storage or default_storage_url(study.name)
+    workers.claim_lock(storage_url)  # a storage with no lock for the shared budget is refused here
     uri = tracking.resolve_tracking_uri(tracking_uri or study.base.tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = create_or_load(study, storage_url)
@@ -207,6 +208,7 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                     last = line
                 time.sleep(0.5)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         echo("interrupted: stopping the workers; their running trials are marked interrupted, "
              "and the same command runs them again")
         # a Ctrl-C at the terminal reaches the workers too: give them time to close their trials
@@ -218,8 +220,10 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
-        workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()},
-                             interrupted=True)
+        # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
+        with workers.claim_lock(job.storage_url):
+            workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()} | {""},
+                                 interrupted=True)
         mlf.set_terminated(job.parent_run_id, "KILLED")
         raise
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -74,16 +75,26 @@ def claim_lock(storage_url: str):
         return FileLock(path + ".claim.lock")
     if storage_url.startswith("sqlite:///"):
         return FileLock(os.path.abspath(storage_url[len("sqlite:///"):]) + ".claim.lock")
-    return _AdvisoryLock(storage_url)
+    dialect = storage_url.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in _AdvisoryLock.SQL:
+        from orchestrator.config import SpecError
+        from orchestrator.tracking import redact
+
+        raise SpecError(f"storage {redact(storage_url)}: workers share the budget through a lock, which orch "
+                        f"has for journal files, SQLite, PostgreSQL and MySQL, not for {dialect!r}")
+    return _AdvisoryLock(storage_url, dialect)
 
 
 class _AdvisoryLock:
     """A PostgreSQL advisory lock, for workers on several machines sharing one RDB storage."""
 
-    KEY = 0x6F726368  # "orch"
+    #: (lock, unlock) statements per dialect; a lock is released too when its connection closes
+    SQL = {"postgresql": ("SELECT pg_advisory_lock(1869767528)", "SELECT pg_advisory_unlock(1869767528)"),
+           "mysql": ("SELECT GET_LOCK('orch.claim', -1)", "SELECT RELEASE_LOCK('orch.claim')")}
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, dialect: str):
         self.url = url
+        self.lock_sql, self.unlock_sql = self.SQL[dialect]
         self._engine = None
         self._conn = None
 
@@ -93,16 +104,16 @@ class _AdvisoryLock:
         if self._engine is None:
             self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
         self._conn = self._engine.connect()
-        if self._engine.dialect.name == "postgresql":
-            self._conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({self.KEY})"))
+        self._conn.execute(sqlalchemy.text(self.lock_sql))
         return self
 
     def __exit__(self, *exc):
         import sqlalchemy
 
-        if self._engine.dialect.name == "postgresql":
-            self._conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({self.KEY})"))
-        self._conn.close()
+        try:
+            self._conn.execute(sqlalchemy.text(self.unlock_sql))
+        finally:
+            self._conn.close()
 
 
 def counted(trials) -> int:
@@ -118,15 +129,21 @@ def requeue_interrupted(ostudy) -> list[int]:
     Call it under the claim lock. The retry is an ordinary WAITING trial: the next worker to ask
     for a trial gets it, and it uses the budget like any other.
     """
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState, create_trial
 
     trials = ostudy.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried:
+        if t.state != TrialState.FAIL or not t.user_attrs.get(INTERRUPTED_ATTR) or t.number in retried:
+            continue
+        grid = {k: t.system_attrs[k] for k in ("grid_id", "search_space") if k in t.system_attrs}
+        if grid:  # a grid point (its params may be partial if the stop came mid-sampling): same grid id
+            ostudy.add_trial(create_trial(state=TrialState.WAITING, system_attrs=grid,
+                                          user_attrs={RETRY_ATTR: t.number}))
+        else:  # the params it had; any it had not sampled yet are sampled afresh
             ostudy.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number})
-            queued.append(t.number)
+        queued.append(t.number)
     return queued
 
 
@@ -210,15 +227,17 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
         ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return "pruned"
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
-        # Lightning turns Ctrl-C into SystemExit; either way the trial ends failed, as in Optuna
+        # the trial ends failed, as in Optuna; Lightning turns a Ctrl-C into SystemExit, which
+        # counts as the user's interrupt only if this process did receive SIGINT
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        if killed:
-            reason = "interrupted (Ctrl-C or a signal) while running; the next run retries it"
+        interrupted = isinstance(exc, KeyboardInterrupt) or (killed and _sigint_received)
+        if interrupted:
+            reason = "interrupted (Ctrl-C) while running; the next run retries it"
             trial.set_user_attr(INTERRUPTED_ATTR, True)
         else:
             reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr(ERROR_ATTR, reason[:2000])
-        runner.end_run(mlf, run_id, "failed", reason if killed else exc)
+        runner.end_run(mlf, run_id, "failed", reason if interrupted else exc)
         ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
         if killed:
             raise
@@ -230,6 +249,13 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot) -> str:
 
 
 # ---- the worker process ------------------------------------------------------------------------
+_sigint_received = False
+
+
+def _on_sigint(signum, frame):
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
 def worker_main(job: Job, slot: Slot) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
     # pin the device before anything can initialise CUDA; slot.gpu indexes the GPUs the
@@ -240,6 +266,8 @@ def worker_main(job: Job, slot: Slot) -> None:
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[slot.gpu] if visible else str(slot.gpu)
     os.environ.setdefault("OMP_NUM_THREADS", str(slot.threads))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     import logging
     import warnings
 

@@ -176,8 +176,9 @@ def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp
     assert "became nan" in by_trial[by_mode["nan"].number].data.tags["orch.error"]
 
 
-def running_hang_trial(tmp_path, name="tiny"):
-    """Wait for a trial in mode 'hang' to be running with its MLflow run, then for it to be training."""
+def running_hang_trial(tmp_path, name="tiny", searched=True):
+    """Wait for a trial in mode 'hang' (``searched``: as a sampled parameter, else the fixed
+    setting) to be running with its MLflow run, then for it to be training."""
     journal = tmp_path / "mlruns" / "optuna" / f"{name}.journal"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -187,7 +188,8 @@ def running_hang_trial(tmp_path, name="tiny"):
         study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(journal))))
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.params.get("module.mode", "hang") == "hang" and "orch.mlflow_run_id" in t.user_attrs:
+            hangs = t.params.get("module.mode") == "hang" if searched else True
+            if hangs and "orch.mlflow_run_id" in t.user_attrs:
                 time.sleep(2)  # let it get into training
                 return t
     raise AssertionError("no hanging trial started")
@@ -364,7 +366,7 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
                             env={**os.environ, **env}, start_new_session=True,
                             # a shell without job control starts background jobs with SIGINT ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    victim = running_hang_trial(tmp_path)
+    victim = running_hang_trial(tmp_path, searched=False)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does: the whole foreground group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -397,3 +399,57 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     assert len(study.trials) == 4 and study.trials[3].number == ownerless.number
     assert study.trials[3].state.name == "FAIL"
     assert study.trials[3].user_attrs["orch.error"] == "its worker died while claiming it"
+
+
+GRID_SPACE = {"cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},
+              "module.lr": {"type": "categorical", "choices": [0.01, 0.03]}}
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random", "cmaes", "grid", "qmc"])
+def test_every_sampler_draws_valid_runs_from_the_space(tmp_path, kind):
+    from orchestrator.study import load_study, make_sampler, suggest
+
+    space = GRID_SPACE if kind == "grid" else {**GRID_SPACE, "module.lr": {"type": "float", "low": 0.001,
+                                                                          "high": 0.05, "log": True}}
+    study = load_study(write(tmp_path / "s.yaml", echo_study(sampler={"type": kind, "seed": 0}, space=space)))
+    ostudy = optuna.create_study(direction="maximize", sampler=make_sampler(study.section))
+    seen = set()
+    for _ in range(6):
+        trial = ostudy.ask()
+        params = suggest(trial, study.section, study.data)
+        spec = study.spec_for(params)
+        assert spec.cell.settings["hidden_size"] in (4, 8, 12) and 0.001 <= spec.module.settings["lr"] <= 0.05
+        ostudy.tell(trial, -abs(params["cell.hidden_size"] - 8))
+        seen.add(tuple(sorted(params.items())))
+    assert len(seen) == 6 if kind == "grid" else len(seen) > 1
+
+
+def test_an_interrupted_grid_trial_is_retried_at_its_own_grid_point(tmp_path):
+    from orchestrator.study import load_study, make_sampler, suggest
+    from orchestrator.workers import INTERRUPTED_ATTR, counted, requeue_interrupted
+
+    study = load_study(write(tmp_path / "s.yaml", echo_study(sampler={"type": "grid", "seed": 3}, space=GRID_SPACE)))
+    ostudy = optuna.create_study(direction="maximize", sampler=make_sampler(study.section))
+    stopped = ostudy.ask()
+    hidden = stopped.suggest_int("cell.hidden_size", 4, 12, step=4)  # Ctrl-C before module.lr was sampled
+    stopped.set_user_attr(INTERRUPTED_ATTR, True)
+    ostudy.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    assert counted(ostudy.trials) == 0
+    assert requeue_interrupted(ostudy) == [0] and requeue_interrupted(ostudy) == []  # queued once
+    points = []
+    while counted(ostudy.trials) < 6:
+        trial = ostudy.ask()
+        params = suggest(trial, study.section, study.data)
+        ostudy.tell(trial, 0.0)
+        points.append((params["cell.hidden_size"], params["module.lr"]))
+    assert points[0][0] == hidden and ostudy.trials[1].user_attrs["orch.retry_of"] == 0
+    assert sorted(points) == [(h, lr) for h in (4, 8, 12) for lr in (0.01, 0.03)]  # the whole grid, once
+
+
+def test_a_storage_without_a_shared_lock_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    path = write(tmp_path / "tiny.yaml", echo_study(space={"cell.hidden_size": {"type": "int", "low": 4, "high": 8}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["study", "run", path, "--storage", "mssql+pyodbc://me:secret@db/optuna"])
+    assert result.exit_code == 2, result.output
+    assert "not for 'mssql'" in result.stderr and "secret" not in result.stderr
+    assert not (tmp_path / "mlruns").exists()
