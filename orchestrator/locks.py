@@ -1,0 +1,110 @@
+"""Locks shared by every process that uses one store, on one machine or many.
+
+orch needs a few steps to be atomic across processes: "count the trials, then ask for one" (so
+that the budget is never overshot), creating a study with its MLflow parent run (so that there is
+exactly one), handing each worker a sampler stream of its own, and creating an empty MLflow
+database's tables. The lock lives where the store lives:
+
+- a journal file or a SQLite database: a lock file beside it (processes of one machine);
+- PostgreSQL: a session-level advisory lock (``pg_advisory_lock``), MySQL: ``GET_LOCK``; both are
+  released by the server when the holder's connection drops, so a killed process cannot leave
+  one behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+
+from orchestrator.config import SpecError
+
+#: lock and unlock statements per dialect (``:key`` is bound)
+_SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+        "mysql": ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)")}
+
+
+def dialect_of(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0].lower()
+
+
+def file_of(url: str) -> str | None:
+    """The local file behind a ``journal:PATH`` or ``sqlite:///PATH`` URL, else ``None``."""
+    if url.startswith("journal:"):
+        return os.path.abspath(os.path.expanduser(url[len("journal:"):]))
+    if url.startswith("sqlite:///"):
+        return os.path.abspath(url[len("sqlite:///"):])
+    return None
+
+
+def store_lock(url: str, key: str):
+    """A lock named ``key`` on the store at ``url`` (a context manager, reusable).
+
+    Raises :class:`SpecError` for a store that orch has no shared lock for.
+    """
+    path = file_of(url)
+    if path is not None:
+        from filelock import FileLock
+
+        return FileLock(f"{path}.{_slug(key)}.lock")
+    dialect = dialect_of(url)
+    if dialect not in _SQL:
+        from orchestrator.secrets import redact_url
+
+        raise SpecError(f"storage {redact_url(url)}: workers share the budget through a lock, which orch "
+                        f"has for journal files, SQLite, PostgreSQL and MySQL, not for {dialect!r}")
+    return AdvisoryLock(url, dialect, key)
+
+
+def init_lock(url: str):
+    """A lock around creating the tables of the database at ``url`` (no lock for a server URL)."""
+    if file_of(url) is None and dialect_of(url) not in _SQL:
+        return contextlib.nullcontext()
+    return store_lock(url, "init")
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", key)[:80]
+
+
+class AdvisoryLock:
+    """A database server's named lock, held on a connection of its own."""
+
+    def __init__(self, url: str, dialect: str, key: str):
+        self.url = sqlalchemy_url(url)
+        self.lock_sql, self.unlock_sql = _SQL[dialect]
+        if dialect == "postgresql":  # a signed 64-bit key derived from the name
+            self.key = int.from_bytes(hashlib.sha256(f"orch:{key}".encode()).digest()[:8], "big", signed=True)
+        else:  # MySQL lock names are at most 64 characters
+            self.key = "orch:" + hashlib.sha256(key.encode()).hexdigest()[:40]
+        self._engine = None
+        self._conn = None
+
+    def __enter__(self):
+        import sqlalchemy
+
+        if self._engine is None:  # one connection, kept between acquisitions (checked before each)
+            self._engine = sqlalchemy.create_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        self._conn = self._engine.connect()
+        try:
+            self._conn.execute(sqlalchemy.text(self.lock_sql), {"key": self.key})
+        except BaseException:
+            self._conn.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        import sqlalchemy
+
+        try:
+            self._conn.execute(sqlalchemy.text(self.unlock_sql), {"key": self.key})
+        finally:
+            self._conn.close()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with PostgreSQL's driver made explicit (psycopg 3, which orch installs)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
