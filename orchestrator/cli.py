@@ -14,7 +14,9 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"error: {message}", err=True)
+    from orchestrator.secrets import redact
+
+    click.echo(f"error: {redact(message)}", err=True)
     sys.exit(code)
 
 
@@ -88,11 +90,12 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
     preflight(spec, file)
     from orchestrator import runner, tracking
     from orchestrator.contracts.module import NonFiniteLossError
+    from orchestrator.secrets import redact_url
 
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     name = experiment or spec.name or Path(file).stem
     click.echo(f"training {spec.cell.plugin} / {spec.module.plugin} on {spec.dataset.plugin}; "
-               f"MLflow: {tracking.redact(uri)} experiment {name!r}", err=True)
+               f"MLflow: {redact_url(uri)} experiment {name!r}", err=True)
     mlf = tracking.client(uri)
     run_id = runner.start_run(mlf, name, tags={"orch.command": "train"})
     try:
@@ -112,7 +115,7 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
 # ---- study -------------------------------------------------------------------------------
 @main.group()
 def study() -> None:
-    """Optuna studies over run files: run, show, best."""
+    """Optuna studies over run files: run, create, worker, show, best, copy."""
 
 
 def _devices(value: str | None) -> list[int] | None:
@@ -124,20 +127,33 @@ def _devices(value: str | None) -> list[int] | None:
         fail(f"--devices {value!r}: expected GPU ids such as 0,2")
 
 
-@study.command("run")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--trials", type=click.IntRange(min=1), default=None,
-              help="Total budget of the study (re-running continues up to it).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop claiming new trials after this many seconds.")
-@click.option("--workers", "workers_n", type=click.IntRange(min=1), default=None,
-              help="CPU worker processes (torch threads are split between them).")
-@click.option("--devices", default=None, help="GPU ids to use, e.g. 0,2 (default: all visible GPUs).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--storage", default=None, help="Optuna storage URL (default: journal file under mlruns/optuna/).")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in ./mlruns).")
-def study_run(file, trials, timeout, workers_n, devices, overrides, storage, tracking_uri) -> None:
-    """Run (or resume) the study in FILE until its trial budget is met."""
+STORAGE_HELP = ("Optuna storage URL, e.g. postgresql://user:pass@host/db (default: $ORCH_STORAGE, else the "
+                "file's study.storage, else a journal file under mlruns/optuna/).")
+TRACKING_HELP = "MLflow tracking URI, e.g. http://host:5000 (default: SQLite in ./mlruns)."
+
+
+def _storage_option(f):
+    return click.option("--storage", default=None, envvar="ORCH_STORAGE", show_envvar=False, help=STORAGE_HELP)(f)
+
+
+def _slot_options(f):
+    """The worker slots of ``study run`` and ``study worker``."""
+    for option in reversed([
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Stop claiming new trials after this many seconds."),
+        click.option("--workers", "workers_n", type=click.IntRange(min=1), default=None,
+                     help="CPU worker processes (torch threads are split between them)."),
+        click.option("--devices", default=None, help="GPU ids to use, e.g. 0,2 (default: all visible GPUs)."),
+        click.option("--trials-per-device", type=click.IntRange(min=1), default=None,
+                     help="Trials packed on each GPU at once (default: the file's, else 1)."),
+        click.option("--tracking-uri", default=None, help=TRACKING_HELP),
+    ]):
+        f = option(f)
+    return _storage_option(f)
+
+
+def _load(file: str, overrides=()):
+    """A validated study file, with its data checked on this machine."""
     from orchestrator.config import SpecError
     from orchestrator.study import load_study
 
@@ -146,12 +162,16 @@ def study_run(file, trials, timeout, workers_n, devices, overrides, storage, tra
     except SpecError as exc:
         fail(str(exc))
     preflight(spec.base, file)
+    return spec
+
+
+def _run(spec, *, create: bool, trials=None, **options) -> None:
+    from orchestrator.config import SpecError
     from orchestrator.coordinator import run_study
 
     try:
-        outcome = run_study(spec, trials=trials, timeout=timeout, workers_n=workers_n, devices=_devices(devices),
-                            storage_url=storage, tracking_uri=tracking_uri, echo=lambda m: click.echo(m, err=True),
-                            live=sys.stderr.isatty())
+        outcome = run_study(spec, trials=trials, create=create, echo=lambda m: click.echo(m, err=True),
+                            live=sys.stderr.isatty(), **options)
     except SpecError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -160,13 +180,136 @@ def study_run(file, trials, timeout, workers_n, devices, overrides, storage, tra
                            "best_params": outcome.best_params, "parent_run_id": outcome.parent_run_id}, indent=2))
 
 
+@study.command("run")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Total budget of the study (re-running continues up to it).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@_slot_options
+def study_run(file, trials, overrides, storage, timeout, workers_n, devices, trials_per_device,
+              tracking_uri) -> None:
+    """Run (or resume) the study in FILE until its trial budget is met.
+
+    Creates the study in its storage if needed and sets its budget; `orch study worker` processes
+    on this or other machines may join it at any time.
+    """
+    spec = _load(file, overrides)
+    _run(spec, create=True, trials=trials, timeout=timeout, workers_n=workers_n, devices=_devices(devices),
+         trials_per_device=trials_per_device, storage_url=storage, tracking_uri=tracking_uri)
+
+
+@study.command("create")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Total budget of the study.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@_storage_option
+@click.option("--tracking-uri", default=None, help=TRACKING_HELP)
+def study_create(file, trials, overrides, storage, tracking_uri) -> None:
+    """Create the study in FILE (its MLflow experiment and parent run too) without running trials.
+
+    Workers then join it with `orch study worker NAME --storage URL`, from any machine.
+    """
+    from orchestrator import record
+    from orchestrator.config import SpecError
+    from orchestrator.coordinator import study_budget
+    from orchestrator.secrets import redact_url
+    from orchestrator.study import default_storage_url
+
+    spec = _load(file, overrides)
+    url = storage or spec.section.storage or default_storage_url(spec.name)
+    budget = study_budget(spec, trials)
+    try:
+        joined = record.open_study(spec, url, create=True, tracking_uri=tracking_uri, budget=budget)
+    except SpecError as exc:
+        fail(str(exc))
+    click.echo(f"study {spec.name} is ready; join it from any machine with:\n"
+               f"  orch study worker {spec.name} --storage {redact_url(url)} --tracking-uri "
+               f"{redact_url(joined.tracking_uri)}", err=True)
+    click.echo(json.dumps({"study": spec.name, "storage": redact_url(url), "budget": budget,
+                           "tracking_uri": redact_url(joined.tracking_uri),
+                           "parent_run_id": joined.parent_run_id}, indent=2))
+
+
+@study.command("worker")
+@click.argument("target", metavar="FILE|NAME")
+@_slot_options
+def study_worker(target, storage, timeout, workers_n, devices, trials_per_device, tracking_uri) -> None:
+    """Join the existing study FILE|NAME and run its trials until its shared budget is met.
+
+    With a NAME, the study file is the one stored with the study (--storage, or $ORCH_STORAGE, is
+    then needed); with a FILE, it must match the stored one. Start as many as you like, on any
+    machine that reaches the storage and the tracking server.
+    """
+    from orchestrator import record
+    from orchestrator.config import SpecError
+
+    if target.endswith((".yaml", ".yml")):
+        spec = _load(target)
+    else:
+        if not storage:
+            fail(f"study {target!r}: pass --storage URL (or set $ORCH_STORAGE) to say where it is")
+        try:
+            spec = record.stored_study(storage, target)
+        except SpecError as exc:
+            fail(str(exc))
+        preflight(spec.base, target)
+    _run(spec, create=False, timeout=timeout, workers_n=workers_n, devices=_devices(devices),
+         trials_per_device=trials_per_device, storage_url=storage, tracking_uri=tracking_uri)
+
+
+@study.command("copy")
+@click.argument("name")
+@click.option("--from", "source", required=True, help="Storage URL the study is in (journal:PATH for a journal file).")
+@click.option("--to", "dest", required=True, help="Storage URL to copy it to, e.g. postgresql://user:pass@host/db.")
+@click.option("--to-name", default=None, help="Name of the copy (default: the same).")
+def study_copy(name, source, dest, to_name) -> None:
+    """Copy study NAME, with every trial and orch's record of it, to another storage.
+
+    For moving a study from the embedded journal file to PostgreSQL before adding machines. The
+    copy keeps the same MLflow parent run; with --to-name, run it as a study file whose
+    study.name is the new name.
+    """
+    import optuna
+
+    from orchestrator import record
+    from orchestrator.config import SpecError
+    from orchestrator.secrets import redact, redact_url
+    from orchestrator.study import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        record.load(source, name)
+        optuna.copy_study(from_study_name=name, from_storage=open_storage(source), to_storage=open_storage(dest),
+                          to_study_name=to_name)
+    except SpecError as exc:
+        fail(str(exc))
+    except optuna.exceptions.DuplicatedStudyError:
+        fail(f"{redact_url(dest)} already holds a study {to_name or name!r}; pass --to-name")
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
+        fail(f"cannot copy study {name!r}: {type(exc).__name__}: {redact(str(exc))}")
+    if to_name and to_name != name:
+        copy = record.load(dest, to_name)
+        text = copy.user_attrs.get(record.SPEC_ATTR)
+        if text:  # the stored study file names the study
+            from orchestrator.config import parse_yaml
+
+            data = parse_yaml(text)
+            data.setdefault("study", {})["name"] = to_name
+            import yaml
+
+            copy.set_user_attr(record.SPEC_ATTR, yaml.safe_dump(data, sort_keys=False))
+    click.echo(f"copied study {name!r} ({len(record.load(dest, to_name or name).trials)} trials) from "
+               f"{redact_url(source)} to {redact_url(dest)}", err=True)
+
+
 def _open(target: str, storage: str | None):
     """The Optuna study named by a study file or by its name."""
     import optuna
 
+    from orchestrator import record
     from orchestrator.config import SpecError
-    from orchestrator.study import default_storage_url, load_study, open_storage
-    from orchestrator.tracking import redact
+    from orchestrator.secrets import redact, redact_url
+    from orchestrator.study import default_storage_url, load_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = target
@@ -181,21 +324,21 @@ def _open(target: str, storage: str | None):
         fail(f"no study {name!r}: {url[len('journal:'):]} does not exist (run `orch study run` first, "
              "or pass --storage)")
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(url))
-    except KeyError:
-        fail(f"no study {name!r} in {redact(url)}")
+        return record.load(url, name)
+    except SpecError as exc:
+        fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
-        fail(f"cannot open the Optuna storage {redact(url)}: {type(exc).__name__}: {redact(str(exc))}")
+        fail(f"cannot open the Optuna storage {redact_url(url)}: {type(exc).__name__}: {redact(str(exc))}")
 
 
 @study.command("show")
 @click.argument("target", metavar="FILE|NAME")
-@click.option("--storage", default=None, help="Optuna storage URL (default: the file's, or mlruns/optuna/NAME.journal).")
+@_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def study_show(target: str, storage: str | None, as_json: bool) -> None:
     """Table of the study's trials: number, state, value, params, duration."""
+    from orchestrator.claims import ERROR_ATTR
     from orchestrator.coordinator import counts_of, trials_table
-    from orchestrator.workers import ERROR_ATTR
 
     ostudy = _open(target, storage)
     trials = ostudy.get_trials(deepcopy=False)
@@ -214,10 +357,10 @@ def study_show(target: str, storage: str | None, as_json: bool) -> None:
 
 @study.command("best")
 @click.argument("target", metavar="FILE|NAME")
-@click.option("--storage", default=None, help="Optuna storage URL.")
+@_storage_option
 def study_best(target: str, storage: str | None) -> None:
     """The best trial's number, value and params, as JSON."""
-    from orchestrator.workers import RUN_ATTR
+    from orchestrator.claims import RUN_ATTR
 
     ostudy = _open(target, storage)
     try:
@@ -242,6 +385,12 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        from orchestrator.secrets import redact_url
+
+        click.echo(f"MLflow UI of the tracking server: {redact_url(uri)}", err=True)
+        click.echo(redact_url(uri))
+        return
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"

@@ -122,20 +122,25 @@ def _line_map(node, prefix: str = "", out: dict[str, int] | None = None) -> dict
 
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], Source]:
-    """Safely load a YAML mapping, with the line of every dotted key."""
+    """Safely load a YAML mapping from a file, with the line of every dotted key."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    return yaml_source(text, str(path))
+
+
+def yaml_source(text: str, label: str) -> tuple[dict[str, Any], Source]:
+    """Safely load a YAML mapping from ``text`` (``label`` names it in errors), with line numbers."""
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        raise SpecError(f"{label}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping with sections dataset, cell, module, trainer")
-    return data, Source(str(path), _line_map(node) if node is not None else {})
+        raise SpecError(f"{label}: expected a mapping with sections dataset, cell, module, trainer")
+    return data, Source(label, _line_map(node) if node is not None else {})
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""``orch study run``: create or resume the study, start the workers, watch them, summarise.
+"""``orch study run`` and ``orch study worker``: open the study, start the workers, watch them, summarise.
 
-The coordinator owns the study's MLflow parent run and the worker processes; the trials
-themselves are claimed, run and recorded by the workers (:mod:`orchestrator.workers`).
+Both commands do the same on their machine: one worker process per device slot, replaced if it
+dies, until the study's shared budget is met. ``study run`` may create the study and sets its
+budget; ``study worker`` joins a study that exists (on any machine that reaches its storage).
+The trials themselves are claimed, run and recorded by the workers (:mod:`orchestrator.workers`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from orchestrator import tracking, workers
+from orchestrator import claims, record, tracking, workers
 from orchestrator.config import SpecError
-from orchestrator.study import Study, default_storage_url, grid_size, open_storage
+from orchestrator.secrets import redact_url
+from orchestrator.study import Study, default_storage_url, grid_size
 
 
 @dataclass
@@ -27,60 +30,26 @@ class Outcome:
     parent_run_id: str | None = None
 
 
-def create_or_load(study: Study, storage_url: str):
-    """The Optuna study (created on first use); a direction that differs from the stored one is an error."""
-    import optuna
-
-    direction = study.section.direction
-    try:
-        ostudy = optuna.create_study(study_name=study.name, storage=open_storage(storage_url), direction=direction,
-                                     load_if_exists=True)
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
-        raise SpecError(f"cannot open the Optuna storage {tracking.redact(storage_url)}: {type(exc).__name__}: "
-                        f"{tracking.redact(str(exc))}") from None
-    stored = ostudy.direction.name.lower()
-    if stored != direction:
-        raise SpecError(f"{study.src.where('study.direction')}: study {study.name!r} in "
-                        f"{tracking.redact(storage_url)} was created to {stored}, not {direction}; "
-                        "use another study name or storage")
-    return ostudy
-
-
-def parent_run(mlf, study: Study, storage_url: str) -> str:
-    """The study's parent run: found by its tags when resuming, else created with the study settings."""
-    from orchestrator import runner
-
-    exp_id = tracking.experiment_id(mlf, study.name)
-    found = mlf.search_runs([exp_id], filter_string=f"tags.`orch.role` = 'study' and tags.`orch.study` = '{study.name}'",
-                            max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        mlf.update_run(run_id, status="RUNNING")
-        return run_id
-    run_id = runner.start_run(mlf, study.name, run_name=f"study-{study.name}",
-                              tags={"orch.role": "study", "orch.study": study.name,
-                                    "orch.storage": tracking.redact(storage_url)})
-    s = study.section
-    params = {"study.metric": s.metric, "study.direction": s.direction, "study.sampler": s.sampler.type,
-              "study.pruner": s.pruner.type, **{f"study.sampler.{k}": v for k, v in s.sampler.options.items()},
-              **{f"study.pruner.{k}": v for k, v in s.pruner.options.items()},
-              **{f"space.{k}": p.model_dump(exclude_none=True) for k, p in s.space.items()},
-              **{f"fixed.{k}": v for k, v in study.base.flat_params().items()}}
-    tracking.log_params(mlf, run_id, params)
-    import yaml
-
-    mlf.log_text(run_id, tracking.redact(yaml.safe_dump(study.data, sort_keys=False)), "study.yaml")
-    return run_id
+def study_budget(study: Study, trials: int | None) -> int | None:
+    """The budget a ``study run`` or ``study create`` sets: ``--trials``, else the file's, capped at a grid's size."""
+    budget = trials if trials is not None else study.section.trials
+    size = grid_size(study.section)
+    if size is not None and (budget is None or budget > size):
+        budget = size  # a grid is done once every point has been tried
+    return budget
 
 
 def counts_of(trials) -> dict[str, int]:
-    """Trials by state; ``interrupted`` (stopped by the user, retried) are apart from ``failed``."""
-    out = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0, "running": 0, "waiting": 0}
+    """Trials by state; ``interrupted`` (stopped by the user) and ``lost`` (with their worker), both
+    retried and using no budget, are apart from ``failed``."""
+    out = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0, "lost": 0, "running": 0, "waiting": 0}
     for t in trials:
         key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}[t.state.name]
-        if key == "failed" and t.user_attrs.get(workers.INTERRUPTED_ATTR):
+        if key == "failed" and t.user_attrs.get(claims.INTERRUPTED_ATTR):
             key = "interrupted"
+        elif key == "failed" and t.user_attrs.get(claims.LOST_ATTR):
+            key = "lost"
         out[key] += 1
     return out
 
@@ -97,58 +66,54 @@ def _progress(name: str, counts: dict[str, int], budget: int | None, best: float
     done = counts["complete"] + counts["pruned"] + counts["failed"]
     total = f"/{budget}" if budget else ""
     best_text = f"{best:.6g}" if best is not None else "-"
-    interrupted = f", {counts['interrupted']} interrupted" if counts.get("interrupted") else ""
+    extra = "".join(f", {counts[k]} {k}" for k in ("interrupted", "lost") if counts.get(k))
     return (f"study {name}: {done}{total} done ({counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['failed']} failed{interrupted}), {counts['running']} running; best {metric} {best_text}")
+            f"{counts['failed']} failed{extra}), {counts['running']} running; best {metric} {best_text}")
 
 
 def run_study(study: Study, *, trials: int | None, timeout: float | None, workers_n: int | None,
               devices: list[int] | None, storage_url: str | None, tracking_uri: str | None,
-              echo=print, live: bool = False) -> Outcome:
-    """Run ``study`` until its budget (``trials``, else the file's) is met or ``timeout`` passes."""
-    import optuna
+              trials_per_device: int | None = None, create: bool = True, echo=print, live: bool = False) -> Outcome:
+    """Run ``study`` on this machine until its budget is met or ``timeout`` passes.
 
+    ``create``: ``study run`` (create the study if needed, set its budget from ``trials`` or the
+    file); else ``study worker`` (join the existing study and its budget).
+    """
     section = study.section
-    budget = trials if trials is not None else section.trials
     timeout = timeout if timeout is not None else section.timeout
-    size = grid_size(section)
-    if size is not None and (budget is None or budget > size):
-        budget = size  # a grid is done once every point has been tried
-    if budget is None and timeout is None:
-        raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass --trials/--timeout")
     storage_url = storage_url or section.storage or default_storage_url(study.name)
-    workers.claim_lock(storage_url)  # a storage with no lock for the shared budget is refused here
-    uri = tracking.resolve_tracking_uri(tracking_uri or study.base.tracking_uri)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = create_or_load(study, storage_url)
-    mlf = tracking.client(uri)
-    # under the claim lock, no worker is between asking for a trial and recording itself as its owner
-    with workers.claim_lock(storage_url):
-        orphans = workers.fail_orphans(ostudy, mlf)  # trials of workers that died in an earlier invocation
-        retries = workers.requeue_interrupted(ostudy)
-    if orphans:
-        echo(f"marked trials {orphans} failed: their worker process is gone")
-    parent_id = parent_run(mlf, study, storage_url)
-    if retries:
-        echo(f"trials {retries} were interrupted: they are queued to run again with the same parameters")
+    if create:
+        budget = study_budget(study, trials)
+        if budget is None and timeout is None:
+            raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass "
+                            "--trials/--timeout")
+        joined = record.open_study(study, storage_url, create=True, tracking_uri=tracking_uri, budget=budget)
+    else:
+        joined = record.open_study(study, storage_url, create=False, tracking_uri=tracking_uri)
+        budget = record.budget(joined.ostudy)
+    ostudy, mlf = joined.ostudy, tracking.client(joined.tracking_uri)
+    if joined.lost:
+        echo(f"trials {joined.lost} were lost with their worker: marked failed, and retried")
+    if joined.retried:
+        echo(f"trials {joined.retried} are queued to run again with the same parameters")
 
-    trials_so_far = ostudy.get_trials(deepcopy=False)
-    already = workers.counted(trials_so_far)
-    slots = _slots(study, devices, workers_n or section.resources.workers)
+    already = claims.counted(ostudy.get_trials(deepcopy=False))
+    slots = _slots(study, devices, workers_n or section.resources.workers, trials_per_device)
     if budget is not None:
         slots = slots[:max(budget - already, 0)] or []
     deadline = time.time() + timeout if timeout else None
-    job = workers.Job(study=study, storage_url=storage_url, tracking_uri=uri, parent_run_id=parent_id,
-                      budget=budget, deadline=deadline, seed_offset=len(trials_so_far) * 7919)
+    job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
+                      parent_run_id=joined.parent_run_id, deadline=deadline)
     echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
          f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
-         f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {tracking.redact(storage_url)}; "
-         f"MLflow {tracking.redact(uri)}")
+         f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
+         f"MLflow {redact_url(joined.tracking_uri)}")
     _supervise(job, slots, ostudy, mlf, budget, echo, live)
-    return _finish(study, ostudy, mlf, parent_id)
+    return _finish(study, ostudy, mlf, joined)
 
 
-def _slots(study: Study, devices: list[int] | None, workers_n: int | None) -> list[workers.Slot]:
+def _slots(study: Study, devices: list[int] | None, workers_n: int | None,
+           trials_per_device: int | None) -> list[workers.Slot]:
     accelerator = str(study.base.trainer.get("accelerator", "auto"))
     devices = devices or study.section.resources.devices
     gpu_count = 0
@@ -159,7 +124,7 @@ def _slots(study: Study, devices: list[int] | None, workers_n: int | None) -> li
         if devices and any(d >= gpu_count or d < 0 for d in devices):
             raise SpecError(f"devices {devices}: this machine has {gpu_count} visible GPU(s)")
     return workers.plan_slots(accelerator=accelerator, devices=devices, workers=workers_n,
-                              trials_per_device=study.section.resources.trials_per_device,
+                              trials_per_device=trials_per_device or study.section.resources.trials_per_device,
                               gpu_count=gpu_count, cpu_count=os.cpu_count() or 1)
 
 
@@ -188,7 +153,7 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                     p.join()
                     del procs[slot.index]
                     if p.exitcode != 0:
-                        failed = workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid)})
+                        failed = claims.fail_orphans(ostudy, mlf, dead={claims.worker_id(p.pid)})
                         crashes[slot.index] = crashes[slot.index] + 1 if not failed else 0
                         give_up = crashes[slot.index] >= 3
                         echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
@@ -210,7 +175,7 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         echo("interrupted: stopping the workers; their running trials are marked interrupted, "
-             "and the same command runs them again")
+             "and the next run (or any worker of the study) runs them again")
         # a Ctrl-C at the terminal reaches the workers too: give them time to close their trials
         for p in procs.values():
             p.join(timeout=15)
@@ -221,10 +186,11 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                 p.kill()
                 p.join()
         # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
-        with workers.claim_lock(job.storage_url):
-            workers.fail_orphans(ostudy, mlf, dead={workers.worker_id(p.pid) for p in procs.values()} | {""},
-                                 interrupted=True)
-        mlf.set_terminated(job.parent_run_id, "KILLED")
+        with claims.claim_lock(job.storage_url, job.study.name):
+            claims.fail_orphans(ostudy, mlf, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
+                                interrupted=True)
+            if not any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False)):
+                mlf.set_terminated(job.parent_run_id, "KILLED")  # no other process is running trials
         raise
 
 
@@ -261,7 +227,7 @@ def trials_table(trials):
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        reason = t.user_attrs.get(workers.ERROR_ATTR)
+        reason = t.user_attrs.get(claims.ERROR_ATTR)
         table.add_row(str(t.number), t.state.name.lower() + (f" ({reason[:60]})" if reason else ""),
                       _fmt(t.value) if t.value is not None else "-", params,
                       f"{duration:.1f}s" if duration is not None else "-")
@@ -272,23 +238,30 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _finish(study: Study, ostudy, mlf, parent_id: str) -> Outcome:
-    """Best value and params on the parent run, plus the Optuna plots; the parent run ends FINISHED."""
+def _finish(study: Study, ostudy, mlf, joined) -> Outcome:
+    """Best value and params on the parent run; once no trial is running or waiting (in any process
+    of the study), the Optuna plots too, and the parent run ends FINISHED."""
     trials = ostudy.get_trials(deepcopy=False)
     counts = counts_of(trials)
     best_value, best_params = best_of(ostudy)
+    parent_id = joined.parent_run_id
+    step = len(trials)
     for state, n in counts.items():
-        mlf.log_metric(parent_id, f"trials_{state}", n)
+        mlf.log_metric(parent_id, f"trials_{state}", n, step=step)
     if best_value is not None and math.isfinite(best_value):
-        mlf.log_metric(parent_id, f"best_{study.section.metric}", best_value)
+        mlf.log_metric(parent_id, f"best_{study.section.metric}", best_value, step=step)
         best = ostudy.best_trial
         mlf.set_tag(parent_id, "best.trial", str(best.number))
-        if best.user_attrs.get(workers.RUN_ATTR):
-            mlf.set_tag(parent_id, "best.run_id", best.user_attrs[workers.RUN_ATTR])
+        if best.user_attrs.get(claims.RUN_ATTR):
+            mlf.set_tag(parent_id, "best.run_id", best.user_attrs[claims.RUN_ATTR])
         for k, v in best_params.items():
             mlf.set_tag(parent_id, f"best.{k}", str(v))
-    _log_plots(ostudy, mlf, parent_id)
-    mlf.set_terminated(parent_id, "FINISHED")
+    if not (counts["running"] or counts["waiting"]):
+        _log_plots(ostudy, mlf, parent_id)
+        # under the lock: no process joins (and reopens the parent run) between the check and the end
+        with claims.claim_lock(joined.storage_url, study.name):
+            if not any(t.state.name in ("RUNNING", "WAITING") for t in ostudy.get_trials(deepcopy=False)):
+                mlf.set_terminated(parent_id, "FINISHED")
     return Outcome(study.name, counts, best_value, best_params, parent_id)
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from orchestrator import registry
 from orchestrator.config import PLUGIN_SECTIONS, RunSpec
+from orchestrator.secrets import redact, redact_data
 
 
 class IncompatibleError(ValueError):
@@ -156,6 +157,7 @@ def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = No
             reason = f"{type(error).__name__}: {error}"
         else:
             text = reason = error
+        text, reason = redact(text), redact(reason)
         if state == "failed":
             mlf.log_text(run_id, text, "traceback.txt")
         mlf.set_tag(run_id, "orch.error" if state == "failed" else "orch.reason", reason[:5000])
@@ -183,7 +185,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     from orchestrator import tracking
 
     tracking.log_params(mlf, run_id, spec.flat_params())
-    mlf.log_text(run_id, tracking.redact(yaml.safe_dump(spec.resolved(), sort_keys=False)), "config.yaml")
+    mlf.log_text(run_id, yaml.safe_dump(redact_data(spec.resolved()), sort_keys=False), "config.yaml")
     built = build(spec)
     device = device_of(spec)
     for k, v in {**plugin_tags(built.plugins), "orch.device": device, "orch.seed": str(spec.seed)}.items():

@@ -12,6 +12,7 @@ A study file is a run file plus::
       pruner: {type: median, n_warmup_steps: 2}     # none | median | successive_halving | hyperband
       resources: {workers: null, devices: null, trials_per_device: 1}
       storage: null                 # default: a journal file under mlruns/optuna/
+      heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
       space:
         cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
         cell.hidden_size: {type: int, low: 100, high: 800, step: 50}
@@ -125,6 +126,21 @@ class Resources(BaseModel):
     trials_per_device: int = Field(default=1, ge=1)
 
 
+class Heartbeat(BaseModel):
+    """How often a running trial tells an RDB storage it is alive, and after how long without a
+    sign of life it counts as lost (its worker killed, its machine gone) and is retried."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval: int = Field(default=30, ge=1)
+    grace_period: int = Field(default=120, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grace_period <= self.interval:
+            raise ValueError(f"grace_period ({self.grace_period}) must be longer than interval ({self.interval})")
+        return self
+
+
 class StudySection(BaseModel):
     """The validated ``study`` section."""
 
@@ -138,6 +154,7 @@ class StudySection(BaseModel):
     pruner: NamedOptions = NamedOptions(type="none")
     resources: Resources = Resources()
     storage: str | None = None
+    heartbeat: Heartbeat = Heartbeat()
     checkpoint: bool = True
     space: dict[str, Param] = Field(default_factory=dict)
 
@@ -259,7 +276,11 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     from orchestrator.config import load_yaml
 
     data, src = load_yaml(path)
-    data = apply_overrides(data, overrides)
+    return study_from(apply_overrides(data, overrides), src)
+
+
+def study_from(data: dict[str, Any], src: Source) -> Study:
+    """Validate a study's loaded data (from a file, or as stored with the study)."""
     section = _section(data, src)
     base = validate(data, src)
     for key, p in section.space.items():
@@ -309,10 +330,15 @@ def suggest(trial, section: StudySection, base: dict[str, Any]) -> dict[str, Any
     return resolve_params(section, pick, base)
 
 
-def make_sampler(section: StudySection, seed_offset: int = 0):
-    """The study's sampler. Each worker adds its own ``seed_offset`` to a given seed, so that
-    parallel workers (and resumed invocations) do not draw the same points; QMC keeps the seed,
-    since its sequence is indexed by trial number and must be shared."""
+def make_sampler(section: StudySection, stream: int = 0):
+    """The study's sampler for the worker that draws sampler stream ``stream``.
+
+    Every worker that joins a study gets a stream number of its own (0, 1, 2, ... in the order
+    they join, handed out under the study's lock), and a seeded sampler draws with ``seed +
+    stream``: one worker on a fresh study draws exactly the sequence of the file's seed, and any
+    number of workers, started at the same instant on any machine, draw distinct sequences. QMC
+    and grid keep the file's seed for all: their points are shared and handed out in turn.
+    """
     import optuna
 
     opts = section.sampler.options
@@ -320,7 +346,7 @@ def make_sampler(section: StudySection, seed_offset: int = 0):
     if kind == "qmc":
         opts.setdefault("seed", 0)  # one sequence for every worker, indexed by trial number
     elif opts.get("seed") is not None and kind != "grid":  # a grid's order must be shared too
-        opts["seed"] = int(opts["seed"]) + seed_offset
+        opts["seed"] = int(opts["seed"]) + stream
     if kind == "tpe":
         return optuna.samplers.TPESampler(**opts)
     if kind == "random":
@@ -370,14 +396,28 @@ def default_storage_url(name: str) -> str:
     return f"journal:{Path('mlruns').resolve() / 'optuna' / f'{name}.journal'}"
 
 
-def open_storage(url: str):
-    """An Optuna storage from a URL: ``journal:PATH`` (file journal) or any SQLAlchemy URL (RDB)."""
+def open_storage(url: str, heartbeat: Heartbeat | None = None):
+    """An Optuna storage from a URL: ``journal:PATH`` (file journal) or any SQLAlchemy URL (RDB).
+
+    RDB storages record heartbeats of running trials (``heartbeat``, default :class:`Heartbeat`),
+    which is how a trial whose worker vanished is found; orch fails and retries such trials
+    itself (:mod:`orchestrator.claims`), in Optuna and MLflow alike.
+    """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+    from orchestrator.locks import sqlalchemy_url
 
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):]).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                      failed_trial_callback=None)
+    heartbeat = heartbeat or Heartbeat()
+    engine = {"pool_pre_ping": True}
+    if url.startswith("sqlite:"):
+        engine["connect_args"] = {"timeout": 60}  # writers queue for the file instead of failing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine,
+                                          heartbeat_interval=heartbeat.interval,
+                                          grace_period=heartbeat.grace_period)

@@ -9,7 +9,6 @@ log to the same parent run without sharing global "active run" state.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,19 +33,44 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def redact(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***`` (for logs, params, messages)."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
-
-
 def client(uri: str | None = None):
+    """An MLflow client on ``uri``; a database store's tables are created (on first use) under a
+    lock, so that processes starting at the same instant on a fresh store do not collide.
+
+    A tracking server's user and password in the URI are handed to MLflow the way it documents
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), so that the URI MLflow holds has none.
+    """
     import logging
 
     import mlflow
 
-    # MLflow's INFO lines (creating and migrating the store's tables) are noise in a run's output
+    from orchestrator.locks import init_lock
+
+    # MLflow's INFO lines (creating and migrating the store's tables) are noise in a run's output,
+    # and so are the run links it prints (with a server's URI) each time a run ends
     logging.getLogger("mlflow.store").setLevel(logging.WARNING)
-    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    uri = _credentials_to_env(resolve_tracking_uri(uri))
+    mlf = mlflow.MlflowClient(tracking_uri=uri)
+    with init_lock(uri):
+        mlf._tracking_client.store  # noqa: B018 - opening the store creates or migrates its tables
+    return mlf
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``uri`` without the user and password of an http(s) URI, which go to MLflow's variables."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from orchestrator.secrets import remember
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not (parts.username or parts.password):
+        return uri
+    remember(uri)
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 def experiment_id(mlf, name: str) -> str:

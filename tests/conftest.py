@@ -3,10 +3,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
@@ -66,3 +69,238 @@ def fake_dist(tmp_path, monkeypatch):
     from orchestrator import registry
 
     registry._cache.clear()
+
+
+# ---- studies in real processes ------------------------------------------------------------------
+FLAKY = """
+[orch.modules]
+flaky = flaky_module:Flaky
+"""
+
+FLAKY_SRC = """
+import os
+import time
+from plugins.modules import StepClassification
+
+class Flaky(StepClassification):
+    '''Trains like step_classification, or raises, or produces a NaN loss, or hangs (0.2 s a
+    training step, until the file ``release`` exists, if given).'''
+
+    def __init__(self, cell, info, mode: str = "ok", release: str = "", **kwargs):
+        super().__init__(cell, info, **kwargs)
+        self.mode = mode
+        self.release = release
+
+    def loss(self, pred, y):
+        loss = super().loss(pred, y)
+        if self.training and self.mode == "raise":
+            raise RuntimeError("boom: this trial raises")
+        if self.training and self.mode == "nan":
+            return loss * float("nan")
+        if self.training and self.mode == "hang" and not (self.release and os.path.exists(self.release)):
+            time.sleep(0.2)
+        return loss
+"""
+
+
+def echo_study(**study):
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "dataset": {"plugin": "echo", "length": 1500, "val_length": 300},
+        "cell": {"plugin": "lstm", "hidden_size": 8},
+        "module": {"plugin": "step_classification", "lr": 0.01},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu"},
+        "study": {"metric": "val_acc", "direction": "maximize", "trials": 4,
+                  "sampler": {"type": "random", "seed": 0}, **study},
+    }
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def orch(*args, cwd, env=None, timeout=600):
+    """`orch ...` in a real process (workers are spawned processes)."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def load(tmp_path, name="tiny"):
+    """The journal study ``name`` under ``tmp_path/mlruns``, its MLflow client, parent and child runs."""
+    import mlflow
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(tmp_path / "mlruns" / "optuna" / f"{name}.journal")))
+    study = optuna.load_study(study_name=name, storage=storage)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    return (study, client, *runs_of(client, name))
+
+
+def runs_of(client, name):
+    """The parent and child runs of study ``name``, from its one MLflow experiment."""
+    from mlflow.entities import ViewType
+
+    experiments = [e for e in client.search_experiments(view_type=ViewType.ALL) if e.name == name]
+    assert len(experiments) == 1, experiments
+    runs = client.search_runs([experiments[0].experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("orch.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("orch.role") == "trial"]
+    return parents, children
+
+
+STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED"), "FAIL": ("failed", "FAILED")}
+
+
+def check_agreement(study, parents, children):
+    """Exactly one child run per trial, under the one parent run, in the same final state."""
+    assert len(parents) == 1
+    by_trial = {}
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        number = int(r.data.tags["orch.trial"])
+        assert number not in by_trial, f"two MLflow runs for trial {number}"
+        by_trial[number] = r
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(by_trial) == [t.number for t in trials]
+    for t in trials:
+        run = by_trial[t.number]
+        assert (run.data.tags["orch.state"], run.info.status) == STATES[t.state.name], t.number
+        assert t.user_attrs["orch.mlflow_run_id"] == run.info.run_id
+    return by_trial
+
+
+# ---- services: PostgreSQL and an MLflow tracking server ----------------------------------------------
+#: set by .ci/run: a test that needs PostgreSQL or a browser fails instead of skipping
+REQUIRE_SERVICES = os.environ.get("ORCH_REQUIRE_SERVICES") == "1"
+PG_ADMIN = os.environ.get("ORCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def unavailable(reason: str):
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason}; ORCH_REQUIRE_SERVICES=1 (set by .ci/run) requires this test to run")
+    pytest.skip(reason)
+
+
+def _pg_admin():
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - no server, no driver, refused
+        unavailable(f"no PostgreSQL server at {PG_ADMIN} ({type(exc).__name__}: {exc})")
+    return engine
+
+
+class Databases:
+    """Creates PostgreSQL databases of its own (``url = make()``) and drops them all afterwards."""
+
+    def __init__(self):
+        self.engine = _pg_admin()
+        self.names = []
+
+    def make(self, password: str | None = None) -> str:
+        """A new empty database; its URL carries ``password`` (percent-encoded) if given."""
+        import uuid
+        from urllib.parse import quote
+
+        import sqlalchemy
+
+        name = f"orch_test_{uuid.uuid4().hex[:12]}"
+        with self.engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        self.names.append(name)
+        url = sqlalchemy.engine.make_url(PG_ADMIN).set(database=name)
+        text = url.render_as_string(hide_password=False)
+        if password is not None:  # trust authentication: the server does not check it
+            user = url.username or "postgres"
+            text = text.replace(f"://{user}@", f"://{user}:{quote(password, safe='')}@", 1)
+        return text
+
+    def drop(self):
+        import sqlalchemy
+
+        with self.engine.connect() as conn:
+            for name in self.names:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.engine.dispose()
+
+
+@pytest.fixture
+def databases():
+    dbs = Databases()
+    yield dbs
+    dbs.drop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port: PostgreSQL backend, artifacts served by it."""
+    import signal
+    import time
+    import urllib.request
+
+    dbs = Databases()
+    backend = dbs.make()
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=root, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        dbs.drop()
+
+
+def live_in_group(pgid: int, wait: float = 10.0) -> list[int]:
+    """Pids of the processes of group ``pgid`` still alive (zombies aside) after up to ``wait`` seconds."""
+    import time
+
+    deadline = time.time() + wait
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                alive.append(int(entry))
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.2)

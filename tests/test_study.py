@@ -15,92 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from conftest import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, write
 from orchestrator.cli import main
-
-FLAKY = """
-[orch.modules]
-flaky = flaky_module:Flaky
-"""
-
-FLAKY_SRC = """
-import time
-from plugins.modules import StepClassification
-
-class Flaky(StepClassification):
-    '''Trains like step_classification, or raises, or produces a NaN loss, or hangs.'''
-
-    def __init__(self, cell, info, mode: str = "ok", **kwargs):
-        super().__init__(cell, info, **kwargs)
-        self.mode = mode
-
-    def loss(self, pred, y):
-        loss = super().loss(pred, y)
-        if self.training and self.mode == "raise":
-            raise RuntimeError("boom: this trial raises")
-        if self.training and self.mode == "nan":
-            return loss * float("nan")
-        if self.training and self.mode == "hang":
-            time.sleep(0.2)
-        return loss
-"""
-
-
-def echo_study(**study):
-    return {
-        "name": "tiny",
-        "seed": 0,
-        "dataset": {"plugin": "echo", "length": 1500, "val_length": 300},
-        "cell": {"plugin": "lstm", "hidden_size": 8},
-        "module": {"plugin": "step_classification", "lr": 0.01},
-        "trainer": {"max_epochs": 1, "accelerator": "cpu"},
-        "study": {"metric": "val_acc", "direction": "maximize", "trials": 4,
-                  "sampler": {"type": "random", "seed": 0}, **study},
-    }
-
-
-def write(path, data):
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(path)
-
-
-def orch(*args, cwd, env=None, timeout=600):
-    """`orch ...` in a real process (workers are spawned processes)."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def load(tmp_path, name="tiny"):
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(tmp_path / "mlruns" / "optuna" / f"{name}.journal")))
-    study = optuna.load_study(study_name=name, storage=storage)
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("orch.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("orch.role") == "trial"]
-    return study, client, parents, children
-
-
-STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED"), "FAIL": ("failed", "FAILED")}
-
-
-def check_agreement(study, parents, children):
-    """Exactly one child run per trial, under the one parent run, in the same final state."""
-    assert len(parents) == 1
-    by_trial = {}
-    for r in children:
-        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        number = int(r.data.tags["orch.trial"])
-        assert number not in by_trial, f"two MLflow runs for trial {number}"
-        by_trial[number] = r
-    trials = study.get_trials(deepcopy=False)
-    assert sorted(by_trial) == [t.number for t in trials]
-    for t in trials:
-        run = by_trial[t.number]
-        assert (run.data.tags["orch.state"], run.info.status) == STATES[t.state.name], t.number
-        assert t.user_attrs["orch.mlflow_run_id"] == run.info.run_id
-    return by_trial
-
 
 def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
     spec = echo_study(space={
@@ -195,27 +111,34 @@ def running_hang_trial(tmp_path, name="tiny", searched=True):
     raise AssertionError("no hanging trial started")
 
 
-def test_killed_worker_fails_its_trial_and_the_study_continues(tmp_path, fake_dist):
+def test_killed_worker_s_trial_is_lost_and_retried_at_its_grid_point(tmp_path, fake_dist):
     root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
+    release = tmp_path / "release"
     data = echo_study(trials=3, sampler={"type": "grid"},
                       space={"module.mode": {"type": "categorical", "choices": ["hang", "ok", "fine"]}})
-    data["module"] = {"plugin": "flaky", "lr": 0.01}
-    data["trainer"]["max_epochs"] = 20
+    data["module"] = {"plugin": "flaky", "lr": 0.01, "release": str(release)}
+    data["trainer"]["max_epochs"] = 3
     path = write(tmp_path / "tiny.yaml", data)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, "--workers", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root)})
     victim = running_hang_trial(tmp_path)
     os.kill(int(victim.user_attrs["orch.worker"].rsplit(":", 1)[1]), 9)
+    release.touch()  # the retry trains at full speed
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "exited with code -9" in stderr
     study, client, parents, children = load(tmp_path)
-    check_agreement(study, parents, children)
-    assert len(study.trials) == 3  # the killed trial used its point of the grid; the others ran
+    by_trial = check_agreement(study, parents, children)
+    # the killed trial is lost: it uses no budget, and its grid point runs again; the others ran
+    assert len(study.trials) == 4 and json.loads(stdout)["lost"] == 1
     killed = study.trials[victim.number]
-    assert killed.state.name == "FAIL" and "died" in killed.user_attrs["orch.error"]
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    assert killed.state.name == "FAIL" and killed.user_attrs["orch.lost"] is True
+    assert "died while running this trial" in killed.user_attrs["orch.error"]
+    assert "lost" in by_trial[victim.number].data.tags["orch.error"]
+    [retry] = [t for t in study.trials if t.user_attrs.get("orch.retry_of") == victim.number]
+    assert retry.params == killed.params and retry.state.name == "COMPLETE" and retry.user_attrs["orch.attempt"] == 2
+    assert sorted(t.params["module.mode"] for t in study.trials if t.state.name == "COMPLETE") == ["fine", "hang", "ok"]
 
 
 BAD = [
@@ -398,7 +321,8 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     study = load(tmp_path)[0]
     assert len(study.trials) == 4 and study.trials[3].number == ownerless.number
     assert study.trials[3].state.name == "FAIL"
-    assert study.trials[3].user_attrs["orch.error"] == "its worker died while claiming it"
+    assert study.trials[3].user_attrs["orch.error"] == "lost: its worker died while claiming it"
+    assert study.trials[3].user_attrs["orch.lost"] is True  # no budget used, and nothing to repeat
 
 
 GRID_SPACE = {"cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},
@@ -426,7 +350,7 @@ def test_every_sampler_draws_valid_runs_from_the_space(tmp_path, kind):
 
 def test_an_interrupted_grid_trial_is_retried_at_its_own_grid_point(tmp_path):
     from orchestrator.study import load_study, make_sampler, suggest
-    from orchestrator.workers import INTERRUPTED_ATTR, counted, requeue_interrupted
+    from orchestrator.claims import INTERRUPTED_ATTR, counted, requeue
 
     study = load_study(write(tmp_path / "s.yaml", echo_study(sampler={"type": "grid", "seed": 3}, space=GRID_SPACE)))
     ostudy = optuna.create_study(direction="maximize", sampler=make_sampler(study.section))
@@ -435,7 +359,7 @@ def test_an_interrupted_grid_trial_is_retried_at_its_own_grid_point(tmp_path):
     stopped.set_user_attr(INTERRUPTED_ATTR, True)
     ostudy.tell(stopped, state=optuna.trial.TrialState.FAIL)
     assert counted(ostudy.trials) == 0
-    assert requeue_interrupted(ostudy) == [0] and requeue_interrupted(ostudy) == []  # queued once
+    assert requeue(ostudy) == [0] and requeue(ostudy) == []  # queued once
     points = []
     while counted(ostudy.trials) < 6:
         trial = ostudy.ask()

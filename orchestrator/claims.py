@@ -1,0 +1,234 @@
+"""Claiming trials against a shared budget, and finding the trials whose worker is gone.
+
+Every process of a study (``study run`` workers and ``study worker`` workers, on any machine)
+claims its next trial under the study's lock (:mod:`orchestrator.locks`): count the trials that
+use budget, then ask Optuna for one, then record the claimant as its owner. So the budget is
+exact whatever the number of processes.
+
+A trial whose worker is gone is *lost*: its worker process died (the supervisor saw it exit, or
+its pid no longer exists on this host) or, with an RDB storage, its heartbeat went silent for
+longer than the grace period (a killed ``study worker``, a machine that disappeared). A lost
+trial ends FAILED in Optuna and MLflow, uses no budget, and is retried with the same parameters
+by the next worker to claim (at most :data:`MAX_ATTEMPTS` tries in all, after which it counts as
+an ordinary failure). A trial the user interrupted (Ctrl-C) is retried the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import socket
+import time
+
+from orchestrator.locks import store_lock
+
+#: a trial's user attributes that tie it to its worker and its MLflow run
+WORKER_ATTR = "orch.worker"
+RUN_ATTR = "orch.mlflow_run_id"
+ERROR_ATTR = "orch.error"
+#: set on a failed trial that uses no budget and is retried: stopped by the user (Ctrl-C) ...
+INTERRUPTED_ATTR = "orch.interrupted"
+#: ... or lost with its worker
+LOST_ATTR = "orch.lost"
+#: on a retry, the number of the trial it repeats, and which try it is (the first is 1)
+RETRY_ATTR = "orch.retry_of"
+ATTEMPT_ATTR = "orch.attempt"
+#: a lost trial is tried this many times in all before its loss counts as a failure
+MAX_ATTEMPTS = 3
+
+
+def claim_lock(storage_url: str, study_name: str):
+    """The lock that makes "count the trials, then ask for one" atomic for one study."""
+    return store_lock(storage_url, f"claim:{study_name}")
+
+
+def worker_id(pid: int | None = None) -> str:
+    """``MACHINE:PID`` of a worker process of this machine (see :func:`machine`)."""
+    return f"{machine()}:{pid or os.getpid()}"
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> str:
+    """This machine as worker ids name it: the host name, plus a tag of the kernel's boot and the pid
+    namespace, so that two containers that share a host name are not taken for one machine (whose
+    dead pids would make the other's trials look abandoned)."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        with contextlib.suppress(OSError):
+            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+    tag = hashlib.sha1("/".join(parts).encode()).hexdigest()[:6] if parts else "-"
+    return f"{socket.gethostname()}~{tag}"
+
+
+def retryable(trial) -> bool:
+    """A failed trial that uses no budget: interrupted by the user or lost with its worker."""
+    return trial.state.name == "FAIL" and bool(trial.user_attrs.get(INTERRUPTED_ATTR)
+                                               or trial.user_attrs.get(LOST_ATTR))
+
+
+def counted(trials) -> int:
+    """Trials that use up budget: all but those waiting to be picked up and the retryable ones."""
+    return sum(1 for t in trials if t.state.name != "WAITING" and not retryable(t))
+
+
+def requeue(ostudy, trials=None) -> list[int]:
+    """Queue one retry, with the same parameters, of each retryable trial not retried yet.
+
+    Call it under the claim lock (``trials``: the study's trials, if just read). The retry is an
+    ordinary WAITING trial: the next worker to ask for a trial gets it, and it uses the budget
+    like any other.
+    """
+    from optuna.trial import TrialState, create_trial
+
+    trials = ostudy.get_trials(deepcopy=False) if trials is None else trials
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    queued = []
+    for t in trials:
+        if not retryable(t) or t.number in retried:
+            continue
+        attrs = {RETRY_ATTR: t.number, ATTEMPT_ATTR: t.user_attrs.get(ATTEMPT_ATTR, 1) + 1}
+        grid = {k: t.system_attrs[k] for k in ("grid_id", "search_space") if k in t.system_attrs}
+        if grid:  # a grid point (its params may be partial if the stop came mid-sampling): same grid id
+            ostudy.add_trial(create_trial(state=TrialState.WAITING, system_attrs=grid, user_attrs=attrs))
+        elif t.params:  # the params it had; any it had not sampled yet are sampled afresh
+            ostudy.enqueue_trial(t.params, user_attrs=attrs)
+        else:  # lost before sampling anything: there is nothing to repeat, a fresh trial replaces it
+            continue
+        queued.append(t.number)
+    return queued
+
+
+def reap(ostudy, mlf, trials=None) -> tuple[list[int], list[int], list]:
+    """Fail the lost trials (stale heartbeats, dead workers of this host) and queue their retries.
+
+    Call it under the claim lock (``trials``: the study's trials, if just read). Returns the
+    numbers of the trials found lost and of those queued again, and the study's trials after that.
+    """
+    trials = ostudy.get_trials(deepcopy=False) if trials is None else trials
+    lost = fail_stale(ostudy, mlf) + fail_orphans(ostudy, mlf, running=[t for t in trials if t.state.name == "RUNNING"])
+    if lost:
+        trials = ostudy.get_trials(deepcopy=False)
+    retried = requeue(ostudy, trials)
+    if retried:
+        trials = ostudy.get_trials(deepcopy=False)
+    return lost, retried, trials
+
+
+def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0):
+    """The next trial, or ``None`` when the budget is used up or the deadline has passed.
+
+    The budget is the study's (:func:`orchestrator.record.budget`), read under the lock, so a
+    ``study run --trials N`` that raises it lets every worker carry on. While the budget is
+    taken up only because trials are still running elsewhere, this waits: one of them may yet be
+    lost and need a retry.
+    """
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    from orchestrator import record
+
+    storage = ostudy._storage
+    while deadline is None or time.time() < deadline:
+        with lock:
+            _, _, trials = reap(ostudy, mlf)
+            budget = record.budget(ostudy)
+            if budget is None or counted(trials) < budget:
+                trial = ostudy.ask()
+                trial.set_user_attr(WORKER_ATTR, worker_id())
+                if is_heartbeat_enabled(storage):  # alive from the start, not only once the trial runs
+                    storage.record_heartbeat(trial._trial_id)
+                return trial
+        if not any(t.state.name == "RUNNING" for t in trials):
+            return None
+        time.sleep(poll)
+    return None
+
+
+def fail_stale(ostudy, mlf) -> list[int]:
+    """Mark lost the running trials whose heartbeat is older than the storage's grace period."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = ostudy._storage
+    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+        return []
+    stale = set(storage._get_stale_trial_ids(ostudy._study_id))
+    if not stale:
+        return []
+    trials = [t for t in ostudy.get_trials(deepcopy=False) if t._trial_id in stale]
+    grace = getattr(storage, "_backend", storage).grace_period  # RDBStorage, under Optuna's cache
+    return fail_trials(ostudy, mlf, trials, lambda t: f"lost: worker {t.user_attrs.get(WORKER_ATTR, '?')} sent "
+                       f"no heartbeat for over {grace} s (killed, or its machine is gone)", "lost")
+
+
+def fail_orphans(ostudy, mlf, dead: set[str] | None = None, interrupted: bool = False, running=None) -> list[int]:
+    """Mark lost (or ``interrupted``) the running trials whose worker is gone.
+
+    ``dead``: the ids (:func:`worker_id`) of workers known to have died; ``None``: every worker of
+    this host whose process no longer exists (what a killed process left behind), and every trial
+    with no owner at all (its worker died while claiming it; call this under the claim lock, so
+    that no live worker is in the middle of a claim). ``running``: the running trials, if just read.
+    """
+    import optuna
+
+    host = machine()
+    orphans = []
+    if running is None:
+        running = ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        owner = t.user_attrs.get(WORKER_ATTR, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if dead is not None and owner not in dead:
+            continue
+        if dead is None and owner and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
+            continue
+        orphans.append(t)
+    if interrupted:
+        return fail_trials(ostudy, mlf, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
+                           "retries it", "interrupted")
+    return fail_trials(ostudy, mlf, orphans, lambda t: f"lost: worker {t.user_attrs[WORKER_ATTR]} died while "
+                       "running this trial" if t.user_attrs.get(WORKER_ATTR) else
+                       "lost: its worker died while claiming it", "lost")
+
+
+def fail_trials(ostudy, mlf, trials, reason, kind: str) -> list[int]:
+    """End ``trials`` FAILED with ``reason(trial)``, in Optuna and in their MLflow runs.
+
+    ``kind``: ``"lost"`` (retried, unless it was the last of :data:`MAX_ATTEMPTS` tries) or
+    ``"interrupted"`` (retried); either uses no budget.
+    """
+    import optuna
+
+    from orchestrator import runner
+
+    failed = []
+    for t in trials:
+        why = reason(t)
+        attr = INTERRUPTED_ATTR if kind == "interrupted" else LOST_ATTR
+        if kind == "lost" and t.user_attrs.get(ATTEMPT_ATTR, 1) >= MAX_ATTEMPTS:
+            why += f"; lost on all {MAX_ATTEMPTS} tries, so it counts as failed and is not retried"
+            attr = None
+        with contextlib.suppress(Exception):
+            ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, why)
+            if attr:
+                ostudy._storage.set_trial_user_attr(t._trial_id, attr, True)
+        try:
+            ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - finished meanwhile by someone else
+            continue
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if run_id:
+            with contextlib.suppress(Exception):
+                runner.end_run(mlf, run_id, "failed", why)
+        failed.append(t.number)
+    return failed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
