@@ -265,41 +265,20 @@ def study_worker(target, storage, timeout, workers_n, devices, trials_per_device
 def study_copy(name, source, dest, to_name) -> None:
     """Copy study NAME, with every trial and orch's record of it, to another storage.
 
-    For moving a study from the embedded journal file to PostgreSQL before adding machines. The
-    copy keeps the same MLflow parent run; with --to-name, run it as a study file whose
-    study.name is the new name.
+    For moving a study from the embedded journal file to PostgreSQL before adding machines: the
+    copy goes on with the same budget, MLflow parent run and trial numbers. With --to-name it is a
+    new study (its own MLflow experiment), run with study.name set to the new name.
     """
-    import optuna
-
     from orchestrator import record
     from orchestrator.config import SpecError
-    from orchestrator.secrets import redact, redact_url
-    from orchestrator.study import open_storage
+    from orchestrator.secrets import redact_url
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        record.load(source, name)
-        optuna.copy_study(from_study_name=name, from_storage=open_storage(source), to_storage=open_storage(dest),
-                          to_study_name=to_name)
+        n = record.copy_study(name, source, dest, to_name)
     except SpecError as exc:
         fail(str(exc))
-    except optuna.exceptions.DuplicatedStudyError:
-        fail(f"{redact_url(dest)} already holds a study {to_name or name!r}; pass --to-name")
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
-        fail(f"cannot copy study {name!r}: {type(exc).__name__}: {redact(str(exc))}")
-    if to_name and to_name != name:
-        copy = record.load(dest, to_name)
-        text = copy.user_attrs.get(record.SPEC_ATTR)
-        if text:  # the stored study file names the study
-            from orchestrator.config import parse_yaml
-
-            data = parse_yaml(text)
-            data.setdefault("study", {})["name"] = to_name
-            import yaml
-
-            copy.set_user_attr(record.SPEC_ATTR, yaml.safe_dump(data, sort_keys=False))
-    click.echo(f"copied study {name!r} ({len(record.load(dest, to_name or name).trials)} trials) from "
-               f"{redact_url(source)} to {redact_url(dest)}", err=True)
+    click.echo(f"copied study {name!r} ({n} trials) from {redact_url(source)} to {redact_url(dest)}"
+               + (f" as {to_name!r}" if to_name else ""), err=True)
 
 
 def _open(target: str, storage: str | None):

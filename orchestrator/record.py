@@ -238,3 +238,31 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
     if attrs.get(TRACKING_ATTR) != shown:
         ostudy.set_user_attr(TRACKING_ATTR, shown)
     return run_id
+
+
+def copy_study(name: str, source: str, dest: str, to_name: str | None = None) -> int:
+    """Copy study ``name`` with its trials and this record to another storage (``optuna.copy_study``);
+    returns the number of trials copied. The copy keeps the MLflow parent run."""
+    import optuna
+    import yaml
+
+    from orchestrator.config import parse_yaml
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    n = len(load(source, name).get_trials(deepcopy=False))
+    try:
+        optuna.copy_study(from_study_name=name, from_storage=open_storage(source), to_storage=open_storage(dest),
+                          to_study_name=to_name)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SpecError(f"{redact_url(dest)} already holds a study {to_name or name!r}; pass --to-name") from None
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
+        raise SpecError(f"cannot copy study {name!r} to {redact_url(dest)}: {type(exc).__name__}: "
+                        f"{redact(str(exc))}") from None
+    if to_name and to_name != name:
+        copied = load(dest, to_name)
+        text = copied.user_attrs.get(SPEC_ATTR)
+        if text:  # the stored study file names its study
+            data = parse_yaml(text)
+            data["study"]["name"] = to_name
+            copied.set_user_attr(SPEC_ATTR, yaml.safe_dump(data, sort_keys=False))
+    return n

@@ -133,19 +133,26 @@ def test_a_lost_worker_s_trial_goes_stale_and_another_worker_retries_it(tmp_path
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3 and len(study.trials) == 4  # full budget
 
 
-@pytest.mark.parametrize("store", ["journal", "postgresql"])
-def test_two_runs_started_at_the_same_instant_on_a_fresh_store(tmp_path, databases, store):
+@pytest.mark.parametrize("store", ["journal", "postgresql", pytest.param("sqlite", marks=pytest.mark.slow)])
+def test_two_runs_started_at_the_same_instant_on_a_fresh_store(tmp_path, request, store):
     data = echo_study(trials=6, space=CONTINUOUS)
     path = write(tmp_path / "tiny.yaml", data)
     args = ["study", "run", path, "--workers", "1"]
     if store == "postgresql":  # the study and the MLflow store both in fresh databases
+        databases = request.getfixturevalue("databases")
         args += ["--storage", databases.make(), "--tracking-uri", databases.make()]
+    elif store == "sqlite":
+        args += ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
     procs = [start(*args, cwd=tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     no_errors(*(err for _, err in outs))
     if store == "journal":
         study, client, parents, children = load(tmp_path)
+    elif store == "sqlite":
+        study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+        parents, children = runs_of(client, "tiny")
     else:
         study = pg_study(args[args.index("--storage") + 1], "tiny")
         client = mlflow.MlflowClient(args[-1].replace("postgresql://", "postgresql+psycopg://"))
@@ -254,3 +261,32 @@ def test_a_study_file_that_changed_is_refused_with_what_differs(tmp_path, monkey
     assert "cell.hidden_size, study.space.module.lr.high differ" in str(err.value)
     assert str(err.value).startswith(f"{tmp_path / 'tiny.yaml'}:")
     assert record.stored_study(url, "tiny").data["cell"]["hidden_size"] == 8  # the stored study is untouched
+
+
+@pytest.mark.slow
+def test_a_journal_study_moves_to_postgres_and_goes_on_there(tmp_path, databases):
+    data = echo_study(trials=2, space=CONTINUOUS)
+    path = write(tmp_path / "tiny.yaml", data)
+    assert orch("study", "run", path, cwd=tmp_path).returncode == 0
+    journal, _, parents, _ = load(tmp_path)
+    storage = databases.make()
+    copied = orch("study", "copy", "tiny", "--from", f"journal:{tmp_path / 'mlruns' / 'optuna' / 'tiny.journal'}",
+                  "--to", storage, cwd=tmp_path)
+    assert copied.returncode == 0, copied.stderr
+    assert "copied study 'tiny' (2 trials)" in copied.stderr
+    again = orch("study", "copy", "tiny", "--from", f"journal:{tmp_path / 'mlruns' / 'optuna' / 'tiny.journal'}",
+                 "--to", storage, cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a study 'tiny'; pass --to-name" in again.stderr
+
+    # a worker joins the copy by name and finds nothing to do; a larger budget goes on in PostgreSQL
+    worker = orch("study", "worker", "tiny", "--storage", storage, cwd=tmp_path)
+    assert worker.returncode == 0, worker.stderr
+    run = orch("study", "run", path, "--storage", storage, "--trials", "3", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    study = pg_study(storage, "tiny")
+    assert [t.params for t in study.trials[:2]] == [t.params for t in journal.trials]
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    parents_now, children = runs_of(client, "tiny")
+    assert [p.info.run_id for p in parents_now] == [parents[0].info.run_id]  # the same parent run
+    check_agreement(study, parents_now, children)
