@@ -20,7 +20,9 @@ import functools
 import hashlib
 import os
 import socket
+import threading
 import time
+from dataclasses import dataclass
 
 from orchestrator.locks import store_lock
 
@@ -100,14 +102,15 @@ def requeue(ostudy, trials=None) -> list[int]:
     return queued
 
 
-def reap(ostudy, mlf, trials=None) -> tuple[list[int], list[int], list]:
-    """Fail the lost trials (stale heartbeats, dead workers of this host) and queue their retries.
+def reap(ostudy, trials=None) -> tuple[list[Ended], list[int], list]:
+    """Fail the lost trials (stale heartbeats, dead workers of this machine) and queue their retries.
 
-    Call it under the claim lock (``trials``: the study's trials, if just read). Returns the
-    numbers of the trials found lost and of those queued again, and the study's trials after that.
+    Call it under the claim lock (``trials``: the study's trials, if just read), and close the
+    returned trials' MLflow runs (:func:`close_runs`) after releasing it. Returns the trials found
+    lost, the numbers of those queued again, and the study's trials after that.
     """
     trials = ostudy.get_trials(deepcopy=False) if trials is None else trials
-    lost = fail_stale(ostudy, mlf) + fail_orphans(ostudy, mlf, running=[t for t in trials if t.state.name == "RUNNING"])
+    lost = fail_stale(ostudy) + fail_orphans(ostudy, running=[t for t in trials if t.state.name == "RUNNING"])
     if lost:
         trials = ostudy.get_trials(deepcopy=False)
     retried = requeue(ostudy, trials)
@@ -130,22 +133,78 @@ def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0):
 
     storage = ostudy._storage
     while deadline is None or time.time() < deadline:
+        trial = None
         with lock:
-            _, _, trials = reap(ostudy, mlf)
+            lost, _, trials = reap(ostudy)
             budget = record.budget(ostudy)
             if budget is None or counted(trials) < budget:
                 trial = ostudy.ask()
-                trial.set_user_attr(WORKER_ATTR, worker_id())
-                if is_heartbeat_enabled(storage):  # alive from the start, not only once the trial runs
+                if is_heartbeat_enabled(storage):  # alive from the start, before it has an owner to outlive
                     storage.record_heartbeat(trial._trial_id)
-                return trial
+                trial.set_user_attr(WORKER_ATTR, worker_id())
+        close_runs(mlf, lost)
+        if trial is not None:
+            return trial
         if not any(t.state.name == "RUNNING" for t in trials):
             return None
         time.sleep(poll)
     return None
 
 
-def fail_stale(ostudy, mlf) -> list[int]:
+class Heartbeat:
+    """Records a running trial's heartbeat every interval (RDB storages; nothing on a journal).
+
+    Unlike Optuna's own thread, a failed write (a database restart, a network blip) is logged and
+    retried at the next beat instead of ending the heartbeats of a trial that is still training.
+    """
+
+    def __init__(self, ostudy, trial):
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        self._storage = ostudy._storage
+        self._trial_id = trial._trial_id
+        self._enabled = is_heartbeat_enabled(self._storage)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="orch-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        import logging
+
+        interval = self._storage.get_heartbeat_interval()
+        failing = False
+        while not self._stop.wait(interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - retried at the next beat
+                if not failing:
+                    from orchestrator.secrets import redact
+
+                    logging.getLogger("orch").warning("heartbeat of trial id %s failed, retrying: %s", self._trial_id,
+                                                      redact(f"{type(exc).__name__}: {exc}"))
+                failing = True
+
+    def __enter__(self):
+        if self._enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._enabled:
+            self._stop.set()
+            self._thread.join()
+
+
+@dataclass
+class Ended:
+    """A trial that orch failed in Optuna, whose MLflow run is still to be closed."""
+
+    number: int
+    run_id: str | None
+    reason: str
+
+
+def fail_stale(ostudy) -> list[Ended]:
     """Mark lost the running trials whose heartbeat is older than the storage's grace period."""
     from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
@@ -157,71 +216,88 @@ def fail_stale(ostudy, mlf) -> list[int]:
         return []
     trials = [t for t in ostudy.get_trials(deepcopy=False) if t._trial_id in stale]
     grace = getattr(storage, "_backend", storage).grace_period  # RDBStorage, under Optuna's cache
-    return fail_trials(ostudy, mlf, trials, lambda t: f"lost: worker {t.user_attrs.get(WORKER_ATTR, '?')} sent "
+    return fail_trials(ostudy, trials, lambda t: f"lost: worker {t.user_attrs.get(WORKER_ATTR, '?')} sent "
                        f"no heartbeat for over {grace} s (killed, or its machine is gone)", "lost")
 
 
-def fail_orphans(ostudy, mlf, dead: set[str] | None = None, interrupted: bool = False, running=None) -> list[int]:
+def fail_orphans(ostudy, dead: set[str] | None = None, interrupted: bool = False, running=None) -> list[Ended]:
     """Mark lost (or ``interrupted``) the running trials whose worker is gone.
 
-    ``dead``: the ids (:func:`worker_id`) of workers known to have died; ``None``: every worker of
-    this host whose process no longer exists (what a killed process left behind), and every trial
-    with no owner at all (its worker died while claiming it; call this under the claim lock, so
-    that no live worker is in the middle of a claim). ``running``: the running trials, if just read.
+    ``dead``: the ids (:func:`worker_id`) of workers known to have died. ``None``: every worker
+    of this machine whose process no longer exists (what a killed process left behind); on a
+    storage without heartbeats (a journal file, one machine's), every worker of an earlier boot
+    of this host (a reboot, a restarted container); and every trial with no owner at all (its
+    worker died while claiming it: call this under the claim lock, so that no live worker is in
+    the middle of a claim). ``running``: the running trials, if just read.
     """
     import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    host = machine()
+    here, host = machine(), socket.gethostname()
+    one_machine = not is_heartbeat_enabled(ostudy._storage)
     orphans = []
     if running is None:
         running = ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in running:
         owner = t.user_attrs.get(WORKER_ATTR, "")
-        owner_host, _, pid = owner.rpartition(":")
-        if dead is not None and owner not in dead:
-            continue
-        if dead is None and owner and (owner_host != host or not pid.isdigit() or _pid_alive(int(pid))):
-            continue
-        orphans.append(t)
+        owner_machine, _, pid = owner.rpartition(":")
+        if dead is not None:
+            gone = owner in dead
+        elif not owner:
+            gone = True
+        elif owner_machine in (here, host):  # this machine (host alone: an id from an older orch)
+            gone = not pid.isdigit() or not _pid_alive(int(pid))
+        else:  # another machine, or this host before a reboot: only a journal cannot tell by heartbeats
+            gone = one_machine and owner_machine.split("~")[0] == host
+        if gone:
+            orphans.append(t)
     if interrupted:
-        return fail_trials(ostudy, mlf, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
+        return fail_trials(ostudy, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
                            "retries it", "interrupted")
-    return fail_trials(ostudy, mlf, orphans, lambda t: f"lost: worker {t.user_attrs[WORKER_ATTR]} died while "
+    return fail_trials(ostudy, orphans, lambda t: f"lost: worker {t.user_attrs[WORKER_ATTR]} died while "
                        "running this trial" if t.user_attrs.get(WORKER_ATTR) else
                        "lost: its worker died while claiming it", "lost")
 
 
-def fail_trials(ostudy, mlf, trials, reason, kind: str) -> list[int]:
-    """End ``trials`` FAILED with ``reason(trial)``, in Optuna and in their MLflow runs.
+def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
+    """End ``trials`` FAILED in Optuna with ``reason(trial)``; close their MLflow runs with
+    :func:`close_runs`.
 
     ``kind``: ``"lost"`` (retried, unless it was the last of :data:`MAX_ATTEMPTS` tries) or
     ``"interrupted"`` (retried); either uses no budget.
     """
     import optuna
 
-    from orchestrator import runner
-
-    failed = []
+    ended = []
     for t in trials:
         why = reason(t)
         attr = INTERRUPTED_ATTR if kind == "interrupted" else LOST_ATTR
         if kind == "lost" and t.user_attrs.get(ATTEMPT_ATTR, 1) >= MAX_ATTEMPTS:
             why += f"; lost on all {MAX_ATTEMPTS} tries, so it counts as failed and is not retried"
             attr = None
+        # the reason goes first (a finished trial takes no attributes); should the trial finish in
+        # between, the attributes stay on a finished trial, where only FAIL makes them count
         with contextlib.suppress(Exception):
             ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, why)
             if attr:
                 ostudy._storage.set_trial_user_attr(t._trial_id, attr, True)
         try:
             ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-        except Exception:  # noqa: BLE001 - finished meanwhile by someone else
+        except Exception:  # noqa: BLE001 - finished meanwhile by its worker
             continue
-        run_id = t.user_attrs.get(RUN_ATTR)
-        if run_id:
+        ended.append(Ended(t.number, t.user_attrs.get(RUN_ATTR), why))
+    return ended
+
+
+def close_runs(mlf, ended: list[Ended]) -> None:
+    """End the MLflow runs of trials failed by :func:`fail_trials` (outside the claim lock: a slow
+    tracking server must not hold up every worker's claims)."""
+    from orchestrator import runner
+
+    for e in ended:
+        if e.run_id:
             with contextlib.suppress(Exception):
-                runner.end_run(mlf, run_id, "failed", why)
-        failed.append(t.number)
-    return failed
+                runner.end_run(mlf, e.run_id, "failed", e.reason)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -218,6 +218,8 @@ def study_create(file, trials, overrides, storage, tracking_uri) -> None:
     spec = _load(file, overrides)
     url = storage or spec.section.storage or default_storage_url(spec.name)
     budget = study_budget(spec, trials)
+    if budget is None:
+        fail(f"{file}: no budget: set study.trials or pass --trials (workers run until the budget is met)")
     try:
         joined = record.open_study(spec, url, create=True, tracking_uri=tracking_uri, budget=budget)
     except SpecError as exc:

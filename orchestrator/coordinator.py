@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from orchestrator import claims, record, tracking, workers
+from orchestrator import claims, record, workers
 from orchestrator.config import SpecError
 from orchestrator.secrets import redact_url
 from orchestrator.study import Study, default_storage_url, grid_size
@@ -91,7 +91,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     else:
         joined = record.open_study(study, storage_url, create=False, tracking_uri=tracking_uri)
         budget = record.budget(joined.ostudy)
-    ostudy, mlf = joined.ostudy, tracking.client(joined.tracking_uri)
+    ostudy, mlf = joined.ostudy, joined.mlf
     if joined.lost:
         echo(f"trials {joined.lost} were lost with their worker: marked failed, and retried")
     if joined.retried:
@@ -153,11 +153,12 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                     p.join()
                     del procs[slot.index]
                     if p.exitcode != 0:
-                        failed = claims.fail_orphans(ostudy, mlf, dead={claims.worker_id(p.pid)})
-                        crashes[slot.index] = crashes[slot.index] + 1 if not failed else 0
+                        lost = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid)})
+                        claims.close_runs(mlf, lost)
+                        crashes[slot.index] = crashes[slot.index] + 1 if not lost else 0
                         give_up = crashes[slot.index] >= 3
                         echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
-                             + (f"; trial(s) {failed} marked failed" if failed else "")
+                             + (f"; trial(s) {[e.number for e in lost]} lost, to be retried" if lost else "")
                              + ("; it keeps failing before running a trial, so it is not restarted"
                                 if give_up else "; restarting it"))
                         if not give_up:
@@ -187,10 +188,12 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                 p.join()
         # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
         with claims.claim_lock(job.storage_url, job.study.name):
-            claims.fail_orphans(ostudy, mlf, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
-                                interrupted=True)
-            if not any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False)):
-                mlf.set_terminated(job.parent_run_id, "KILLED")  # no other process is running trials
+            stopped = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
+                                          interrupted=True)
+            others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
+        claims.close_runs(mlf, stopped)
+        if not others:  # no other process is running trials of the study
+            mlf.set_terminated(job.parent_run_id, "KILLED")
         raise
 
 

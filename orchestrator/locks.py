@@ -26,15 +26,16 @@ _SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlo
 
 
 def dialect_of(url: str) -> str:
-    return url.split(":", 1)[0].split("+", 1)[0].lower()
+    dialect = url.split(":", 1)[0].split("+", 1)[0].lower()
+    return "postgresql" if dialect == "postgres" else dialect
 
 
 def file_of(url: str) -> str | None:
     """The local file behind a ``journal:PATH`` or ``sqlite:///PATH`` URL, else ``None``."""
     if url.startswith("journal:"):
-        return os.path.abspath(os.path.expanduser(url[len("journal:"):]))
+        return os.path.realpath(os.path.expanduser(url[len("journal:"):]))
     if url.startswith("sqlite:///"):
-        return os.path.abspath(url[len("sqlite:///"):])
+        return os.path.realpath(url[len("sqlite:///"):])
     return None
 
 
@@ -69,7 +70,10 @@ def _slug(key: str) -> str:
 
 
 class AdvisoryLock:
-    """A database server's named lock, held on a connection of its own."""
+    """A database server's named lock, held on a connection of its own (in autocommit mode, so the
+    holder is never "idle in transaction", which some servers end after a timeout). Re-entrant
+    within one object, like a file lock. Session locks need a direct connection to the server (or
+    a pooler in session mode): a pooler in transaction mode cannot hold them."""
 
     def __init__(self, url: str, dialect: str, key: str):
         self.url = sqlalchemy_url(url)
@@ -80,27 +84,37 @@ class AdvisoryLock:
             self.key = "orch:" + hashlib.sha256(key.encode()).hexdigest()[:40]
         self._engine = None
         self._conn = None
+        self._depth = 0
 
     def __enter__(self):
         import sqlalchemy
 
+        if self._depth:
+            self._depth += 1
+            return self
         if self._engine is None:  # one connection, kept between acquisitions (checked before each)
-            self._engine = sqlalchemy.create_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
-        self._conn = self._engine.connect()
+            self._engine = sqlalchemy.create_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                                                    isolation_level="AUTOCOMMIT")
+        conn = self._engine.connect()
         try:
-            self._conn.execute(sqlalchemy.text(self.lock_sql), {"key": self.key})
+            conn.execute(sqlalchemy.text(self.lock_sql), {"key": self.key})
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
+        self._conn, self._depth = conn, 1
         return self
 
     def __exit__(self, *exc):
         import sqlalchemy
 
+        self._depth -= 1
+        if self._depth:
+            return
         try:
             self._conn.execute(sqlalchemy.text(self.unlock_sql), {"key": self.key})
         finally:
             self._conn.close()
+            self._conn = None
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -16,6 +16,7 @@ the same instant agree on all of this: one study, one spec, one experiment and o
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ TRACKING_ATTR = "orch.tracking_uri"
 STREAMS_ATTR = "orch.streams"
 #: settings that may change from one invocation of a study to the next
 PER_INVOCATION = ("name", "tracking_uri", "study.name", "study.trials", "study.timeout", "study.resources",
-                  "study.storage", "study.heartbeat")
+                  "study.storage")
 _UNSET = object()
 
 
@@ -42,6 +43,7 @@ class Joined:
     ostudy: Any
     storage_url: str
     tracking_uri: str
+    mlf: Any  # an MLflow client on tracking_uri
     parent_run_id: str
     lost: list[int]
     retried: list[int]
@@ -60,6 +62,10 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     lock = claims.claim_lock(storage_url, study.name)
     shown = redact_url(storage_url)
+    if not create:
+        load(storage_url, study.name)  # a clear message, before anything is created, if it is not there
+    if tracking_uri:  # an unreachable server fails here, in seconds, not while the study's lock is held
+        tracking.check_reachable(tracking_uri)
     try:
         with lock:
             ostudy = _load(study, storage_url, create)
@@ -68,6 +74,8 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
             if budget is not _UNSET and attrs.get(BUDGET_ATTR, _UNSET) != budget:
                 ostudy.set_user_attr(BUDGET_ATTR, budget)
             uri = _tracking_uri(study, attrs.get(TRACKING_ATTR), tracking_uri, create)
+            if uri != tracking_uri:
+                tracking.check_reachable(uri)
             try:
                 mlf = tracking.client(uri)
                 parent = parent_run(mlf, study, ostudy, storage_url, uri, attrs, create)
@@ -76,12 +84,13 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
             except Exception as exc:  # noqa: BLE001 - unreachable or refusing tracking server, ...
                 raise SpecError(f"cannot use the MLflow tracking store {redact_url(uri)}: {type(exc).__name__}: "
                                 f"{redact(str(exc))}") from None
-            lost, retried, _ = claims.reap(ostudy, mlf)
+            lost, retried, _ = claims.reap(ostudy)
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
         raise SpecError(f"cannot open the Optuna storage {shown}: {type(exc).__name__}: {redact(str(exc))}") from None
-    return Joined(ostudy, storage_url, uri, parent, lost, retried)
+    claims.close_runs(mlf, lost)
+    return Joined(ostudy, storage_url, uri, mlf, parent, [e.number for e in lost], retried)
 
 
 def _load(study: Study, storage_url: str, create: bool):
@@ -102,14 +111,24 @@ def _load(study: Study, storage_url: str, create: bool):
 
 
 def load(storage_url: str, name: str, storage=None):
-    """The Optuna study ``name`` in the storage at ``storage_url``; a missing one is a :class:`SpecError`."""
+    """The Optuna study ``name`` in the storage at ``storage_url``; a missing study, journal file or
+    database, or an unreachable one, is a :class:`SpecError`."""
     import optuna
 
+    from orchestrator.locks import file_of
+
+    missing = (f"no study {name!r} in {redact_url(storage_url)}: create it with `orch study create FILE "
+               "--storage URL` (or start it with `orch study run FILE --storage URL`)")
+    path = file_of(storage_url)
+    if storage is None and path is not None and not os.path.exists(path):
+        raise SpecError(f"{missing}; {path} does not exist")
     try:
         return optuna.load_study(study_name=name, storage=storage or open_storage(storage_url))
     except KeyError:
-        raise SpecError(f"no study {name!r} in {redact_url(storage_url)}: create it with `orch study create "
-                        "FILE --storage URL` (or start it with `orch study run FILE --storage URL`)") from None
+        raise SpecError(missing) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
+        raise SpecError(f"cannot open the Optuna storage {redact_url(storage_url)}: {type(exc).__name__}: "
+                        f"{redact(str(exc))}") from None
 
 
 def stored_study(storage_url: str, name: str) -> Study:
@@ -191,6 +210,9 @@ def _tracking_uri(study: Study, recorded: str | None, given: str | None, create:
     if recorded and MASK in recorded:
         raise SpecError(f"study {study.name!r} logs to {recorded}, whose password is not stored: pass it with "
                         "--tracking-uri (or $MLFLOW_TRACKING_URI)")
+    if recorded and recorded.startswith("sqlite:///") and not os.path.exists(recorded[len("sqlite:///"):]):
+        raise SpecError(f"study {study.name!r} logs to {recorded}, a file of the machine it was created on: "
+                        "pass --tracking-uri (an MLflow tracking server, for studies on several machines)")
     return tracking.resolve_tracking_uri(recorded)
 
 
@@ -207,7 +229,9 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
         try:
             if mlf.get_run(run_id).info.experiment_id != exp_id:
                 run_id = None
-        except MlflowException:
+        except MlflowException as exc:  # only a run that is not there; an unreachable store is an error
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             run_id = None
     if not run_id:  # a study started by an older orch, which did not record its parent run
         found = mlf.search_runs([exp_id], max_results=1, filter_string=(
@@ -249,7 +273,11 @@ def copy_study(name: str, source: str, dest: str, to_name: str | None = None) ->
     from orchestrator.config import parse_yaml
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    n = len(load(source, name).get_trials(deepcopy=False))
+    trials = load(source, name).get_trials(deepcopy=False)
+    running = [t.number for t in trials if t.state.name == "RUNNING"]
+    if running:
+        raise SpecError(f"study {name!r} has running trials {running}: stop its workers first (a running "
+                        "trial cannot be copied with the heartbeats and processes that would tell if it is lost)")
     try:
         optuna.copy_study(from_study_name=name, from_storage=open_storage(source), to_storage=open_storage(dest),
                           to_study_name=to_name)
@@ -258,6 +286,7 @@ def copy_study(name: str, source: str, dest: str, to_name: str | None = None) ->
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
         raise SpecError(f"cannot copy study {name!r} to {redact_url(dest)}: {type(exc).__name__}: "
                         f"{redact(str(exc))}") from None
+    n = len(trials)
     if to_name and to_name != name:
         copied = load(dest, to_name)
         text = copied.user_attrs.get(SPEC_ATTR)

@@ -1,68 +1,71 @@
 """Passwords in storage and tracking URLs: kept out of every message, log line and MLflow field.
 
-A URL is parsed with SQLAlchemy's URL parser (the same one Optuna and MLflow use), so a password
-holding ``@``, ``:`` or ``/`` (percent-encoded, as URLs require) is found whole. Every password
-seen this way is remembered for the life of the process, in its raw and its encoded form, and
-:func:`redact` replaces each occurrence of either in any text: an error message from a database
-driver, a traceback, a YAML dump. URLs that were never parsed (or cannot be) are still redacted
-by their shape, up to the last ``@`` of the word.
+A URL's password is the part of its user info before the *last* ``@`` (as ``urllib`` and the
+browsers read it, so that an unencoded ``@`` in a password does not leave half of it behind), or
+a ``password=`` query parameter (which psycopg accepts). URLs are shown with that part replaced
+by ``***``, by position, never by searching for the password in the text. Every password seen
+this way is also remembered for the life of the process, in its raw and percent-encoded forms,
+and :func:`redact` hides any later occurrence of them in free text (a driver's error message, a
+traceback) that is not part of a longer word; URLs that were never parsed are still redacted
+by their shape.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 MASK = "***"
 _known: set[str] = set()
 # scheme://user:PASSWORD@host, the password running to the last "@" before white space or a quote
 _SHAPE = re.compile(r"""(\b[a-zA-Z][\w+.-]*://[^:/@\s'"]*:)[^\s'"]*@""")
+# ?password=... or &password=... in a URL's query
+_QUERY = re.compile(r"""([?&](?:password|passwd|pwd)=)[^&\s'"#]*""", re.I)
 
 
-def password_of(url: str) -> str | None:
-    """The password in ``url`` (decoded), or ``None``."""
+def passwords_of(url: str) -> list[str]:
+    """The passwords in ``url`` (decoded): in its user info and in its query string."""
     if "://" not in url:
-        return None
+        return []
     try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL (http://..., or malformed)
-        try:
-            password = urlsplit(url).password
-            password = unquote(password) if password is not None else None
-        except ValueError:
-            password = None
-    return str(password) if password else None
+        parts = urlsplit(url)
+        found = [unquote(parts.password)] if parts.password else []
+        query = parts.query
+    except ValueError:  # malformed (an unencoded "[" or "]", a bad port): fall back on the shape
+        match = _SHAPE.search(url)
+        found = [unquote(match.group(0)[len(match.group(1)):-1])] if match else []
+        query = url.partition("?")[2]
+    found += [v for k, v in parse_qsl(query) if k.lower() in ("password", "passwd", "pwd") and v]
+    return found
 
 
 def remember(url: str | None) -> None:
-    """Register the password of ``url`` (if any) so that :func:`redact` hides it from now on."""
-    password = password_of(url) if url else None
-    if password:
-        _known.update({password, quote(password, safe=""), quote(password, safe=" +"),
-                       quote(password, safe="+")})
-
-
-def redact(text: str) -> str:
-    """``text`` with every known password, and the password of any URL in it, replaced by ``***``."""
-    if not text:
-        return text
-    for secret in sorted(_known, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return _SHAPE.sub(lambda m: m.group(1) + MASK + "@", text)
+    """Register the passwords of ``url`` (if any) so that :func:`redact` hides them from now on."""
+    for password in passwords_of(url) if url else []:
+        _known.update({password, quote(password, safe=""), quote(password), quote(password, safe="+")})
 
 
 def redact_url(url: str | None) -> str:
-    """``url`` fit to show: its password (remembered for later :func:`redact` calls) replaced."""
+    """``url`` fit to show: its passwords replaced by ``***`` (and remembered for :func:`redact`)."""
     if not url:
         return url or ""
     remember(url)
-    return redact(url)
+    return _QUERY.sub(lambda m: m.group(1) + MASK, _SHAPE.sub(lambda m: m.group(1) + MASK + "@", url))
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it, and every remembered password, hidden."""
+    if not text:
+        return text
+    text = _QUERY.sub(lambda m: m.group(1) + MASK, _SHAPE.sub(lambda m: m.group(1) + MASK + "@", text))
+    for secret in sorted(_known, key=len, reverse=True):
+        if secret in text:  # not inside a longer word: a password "postgres" leaves "postgresql" alone
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", MASK, text)
+    return text
 
 
 def redact_data(node):
-    """A copy of loaded YAML/JSON data with the password of every URL-valued string hidden."""
+    """A copy of loaded YAML/JSON data in which the password of every URL-valued string is hidden."""
     if isinstance(node, dict):
         return {k: redact_data(v) for k, v in node.items()}
     if isinstance(node, list):

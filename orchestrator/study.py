@@ -406,7 +406,7 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
-    from orchestrator.locks import sqlalchemy_url
+    from orchestrator.locks import init_lock, sqlalchemy_url
 
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):]).expanduser().resolve()
@@ -416,7 +416,8 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None):
     engine = {"pool_pre_ping": True}
     if url.startswith("sqlite:"):
         engine["connect_args"] = {"timeout": 60}  # writers queue for the file instead of failing
-    with warnings.catch_warnings():
+    # a fresh database's tables are created by the first process, under a lock: not by all at once
+    with init_lock(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine,
                                           heartbeat_interval=heartbeat.interval,

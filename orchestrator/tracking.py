@@ -57,6 +57,31 @@ def client(uri: str | None = None):
     return mlf
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail within ``timeout`` seconds, with one clear :class:`SpecError`, when ``uri`` is a tracking
+    server that does not answer (MLflow itself retries for minutes before giving up)."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    from orchestrator.config import SpecError
+    from orchestrator.secrets import redact, redact_url
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    bare = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    try:
+        urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy without /health, or one that wants credentials): MLflow takes it from here
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SpecError(f"cannot reach the MLflow tracking server {redact_url(uri)}: {redact(str(reason))} "
+                        "(is `mlflow server` running there, and is the address right?)") from None
+
+
 def _credentials_to_env(uri: str) -> str:
     """``uri`` without the user and password of an http(s) URI, which go to MLflow's variables."""
     from urllib.parse import unquote, urlsplit, urlunsplit

@@ -107,50 +107,60 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
                                f"{', '.join(sorted(result.metrics)) or 'nothing'}")
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{section.metric} is {value}")
-    # MLflow is closed before Optuna is told: should the process die in between, the trial is
-    # still RUNNING in Optuna, so the coordinator fails it in both, and the two stay in agreement
     except optuna.TrialPruned as exc:
-        if _taken_over(ostudy, trial, mlf, run_id):
-            return "lost"
-        runner.end_run(mlf, run_id, "pruned", str(exc))
-        ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return "pruned"
+        return _conclude(ostudy, trial, mlf, run_id, "pruned", error=str(exc))
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
         # the trial ends failed, as in Optuna; Lightning turns a Ctrl-C into SystemExit, which
         # counts as the user's interrupt only if this process did receive SIGINT
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
         interrupted = isinstance(exc, KeyboardInterrupt) or (killed and _sigint_received)
-        if interrupted:
-            reason = "interrupted (Ctrl-C) while running; the next run retries it"
-            trial.set_user_attr(INTERRUPTED_ATTR, True)
-        else:
-            reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
-        if _taken_over(ostudy, trial, mlf, run_id):
-            if killed:
-                raise
-            return "lost"
-        trial.set_user_attr(ERROR_ATTR, redact(reason)[:2000])
-        runner.end_run(mlf, run_id, "failed", reason if interrupted else exc)
-        ostudy.tell(trial, state=optuna.trial.TrialState.FAIL)
+        reason = ("interrupted (Ctrl-C) while running; the next run retries it" if interrupted else
+                  exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}")
+        attrs = {ERROR_ATTR: redact(reason)[:2000], **({INTERRUPTED_ATTR: True} if interrupted else {})}
+        state = _conclude(ostudy, trial, mlf, run_id, "failed", error=reason if interrupted else exc, attrs=attrs)
         if killed:
             raise
-        return "failed"
-    if _taken_over(ostudy, trial, mlf, run_id):
-        return "lost"
+        return state
     mlf.log_metric(run_id, "objective", value)
-    runner.end_run(mlf, run_id, "complete")
-    ostudy.tell(trial, value)
-    return "complete"
+    return _conclude(ostudy, trial, mlf, run_id, "complete", value=value)
+
+
+def _conclude(ostudy, trial, mlf, run_id: str, state: str, *, value: float | None = None, error=None,
+              attrs: dict | None = None) -> str:
+    """Close the trial's MLflow run with ``state``, then tell Optuna; returns the state it ended in.
+
+    MLflow is closed first: should the process die in between, the trial is still RUNNING in
+    Optuna, and is found lost and failed in both. A trial that another process declared lost
+    meanwhile (its heartbeats stalled past the grace period, and a retry is queued) keeps that
+    verdict: its MLflow run ends FAILED, as it is in Optuna, and ``"lost"`` is returned.
+    """
+    import optuna
+
+    from orchestrator import runner
+
+    if not _taken_over(ostudy, trial, mlf, run_id):
+        try:
+            for key, v in (attrs or {}).items():
+                trial.set_user_attr(key, v)
+            runner.end_run(mlf, run_id, state, error)
+            if state == "complete":
+                ostudy.tell(trial, value)
+            else:
+                ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED if state == "pruned" else
+                            optuna.trial.TrialState.FAIL)
+            return state
+        except Exception:  # finished by another process between the check and the tell?
+            if not _taken_over(ostudy, trial, mlf, run_id):
+                raise
+    return "lost"
 
 
 def _taken_over(ostudy, trial, mlf, run_id: str) -> bool:
-    """Whether the trial was declared lost meanwhile (its heartbeat stalled past the grace period,
-    so another worker failed it and queued a retry). Its outcome is then dropped, and its MLflow
-    run stays FAILED as the trial is in Optuna."""
+    """Whether the trial was already finished by another process (declared lost); if so its MLflow
+    run is closed FAILED, as the trial is in Optuna."""
     from orchestrator import runner
 
-    state = ostudy._storage.get_trial(trial._trial_id).state
-    if state.name == "RUNNING":
+    if ostudy._storage.get_trial(trial._trial_id).state.name == "RUNNING":
         return False
     runner.end_run(mlf, run_id, "failed", "lost: declared lost while it was still running (its heartbeat "
                    "stalled past the grace period); a retry replaces it")
@@ -190,10 +200,12 @@ def worker_main(job: Job, slot: Slot) -> None:
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    from orchestrator import record, tracking
+    from orchestrator import record, secrets, tracking
+    from orchestrator.claims import Heartbeat
     from orchestrator.study import make_pruner, make_sampler, open_storage
+
+    secrets.remember(job.storage_url)  # hidden from this process's messages and tracebacks too
+    secrets.remember(job.tracking_uri)
 
     section = job.study.section
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -209,6 +221,5 @@ def worker_main(job: Job, slot: Slot) -> None:
         trial = claim(ostudy, lock, job.deadline, mlf, poll=poll)
         if trial is None:
             return
-        # RDB storages: a heartbeat marks this trial alive for workers on other machines
-        with get_heartbeat_thread(trial._trial_id, ostudy._storage):
+        with Heartbeat(ostudy, trial):  # RDB storages: alive, for the workers of other machines
             run_trial(job, ostudy, trial, mlf, slot, stream)

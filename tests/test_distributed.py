@@ -116,6 +116,7 @@ def test_a_lost_worker_s_trial_goes_stale_and_another_worker_retries_it(tmp_path
     lost_node.wait(timeout=30)
     assert live_in_group(lost_node.pid) == []  # nothing of it is left running
     release.touch()
+    time.sleep(4)  # past the grace period: the heartbeat, not the dead pid of this host, tells it is lost
 
     survivor = orch("study", "worker", "tiny", "--storage", storage, cwd=tmp_path, env=env)
     assert survivor.returncode == 0, survivor.stderr
@@ -161,6 +162,7 @@ def test_two_runs_started_at_the_same_instant_on_a_fresh_store(tmp_path, request
     assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)  # exact budget
     assert distinct(study.trials) == 6
     assert {json.loads(out)["parent_run_id"] for out, _ in outs} == {parents[0].info.run_id}
+    assert {r.data.tags["orch.stream"] for r in children} == {"0", "1"}  # a sampler stream per worker
 
 
 PASSWORD = "p@ss:w/rd"
@@ -187,8 +189,9 @@ def test_a_password_with_at_colon_and_slash_never_shows(tmp_path, databases, mlf
         orch("study", "worker", "nosuch", "--storage", storage, cwd=tmp_path),
         orch("study", "show", "secret", "--storage", unreachable, cwd=tmp_path),
         orch("study", "run", path, "--storage", unreachable, cwd=tmp_path),
+        orch("study", "worker", "secret", "--storage", unreachable, cwd=tmp_path),
     ]
-    assert [p.returncode for p in outputs] == [0, 0, 0, 0, 0, 2, 2, 2, 2], [p.stderr for p in outputs]
+    assert [p.returncode for p in outputs] == [0, 0, 0, 0, 0, 2, 2, 2, 2, 2], [p.stderr for p in outputs]
     assert "pass it with --tracking-uri" in outputs[5].stderr
     assert "no study 'nosuch'" in outputs[6].stderr
     assert "cannot open the Optuna storage postgresql+psycopg://postgres:***@127.0.0.1:1/" in outputs[8].stderr
@@ -250,15 +253,16 @@ def test_a_study_file_that_changed_is_refused_with_what_differs(tmp_path, monkey
     data = echo_study(space=CONTINUOUS)
     url = f"journal:{tmp_path / 'tiny.journal'}"
     record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4)
-    # what may change between invocations: budget, timeout, resources, heartbeat
-    data["study"].update(trials=8, timeout=60, resources={"workers": 2}, heartbeat={"interval": 5})
+    # what may change between invocations: budget, timeout, resources
+    data["study"].update(trials=8, timeout=60, resources={"workers": 2})
     joined = record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=8)
     assert record.budget(joined.ostudy) == 8
     data["study"]["space"]["module.lr"]["high"] = 0.1
     data["cell"]["hidden_size"] = 16
+    data["study"]["heartbeat"] = {"interval": 5}  # every process must agree on when a trial is lost
     with pytest.raises(SpecError) as err:
         record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=False)
-    assert "cell.hidden_size, study.space.module.lr.high differ" in str(err.value)
+    assert "cell.hidden_size, study.heartbeat.interval, study.space.module.lr.high differ" in str(err.value)
     assert str(err.value).startswith(f"{tmp_path / 'tiny.yaml'}:")
     assert record.stored_study(url, "tiny").data["cell"]["hidden_size"] == 8  # the stored study is untouched
 
@@ -290,3 +294,53 @@ def test_a_journal_study_moves_to_postgres_and_goes_on_there(tmp_path, databases
     parents_now, children = runs_of(client, "tiny")
     assert [p.info.run_id for p in parents_now] == [parents[0].info.run_id]  # the same parent run
     check_agreement(study, parents_now, children)
+
+
+def test_a_journal_study_s_trials_left_running_by_a_reboot_are_lost_and_retried(tmp_path, monkeypatch):
+    """A journal has no heartbeats: a trial whose owner ran on this host before a reboot (same host
+    name, another boot) is lost; one owned by a live process, or by another host, is not."""
+    import socket
+
+    from orchestrator import claims, record
+    from orchestrator.study import load_study
+
+    monkeypatch.chdir(tmp_path)
+    url = f"journal:{tmp_path / 'tiny.journal'}"
+    joined = record.open_study(load_study(write(tmp_path / "tiny.yaml", echo_study(space=CONTINUOUS))), url,
+                               create=True, budget=4)
+    ostudy, owners = joined.ostudy, {}
+    for owner in (f"{socket.gethostname()}~0ld0ne:4242", claims.worker_id(), "elsewhere~abc123:4242"):
+        trial = ostudy.ask()
+        trial.suggest_float("module.lr", 0.001, 0.05, log=True)
+        trial.set_user_attr(claims.WORKER_ATTR, owner)
+        owners[trial.number] = owner
+    with claims.claim_lock(url, "tiny"):
+        lost, retried, trials = claims.reap(ostudy)
+    assert [e.number for e in lost] == retried == [0]
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["orch.lost"] is True
+    assert [t.state.name for t in trials[1:3]] == ["RUNNING", "RUNNING"]
+    assert trials[3].state.name == "WAITING" and claims.counted(trials) == 2  # neither uses budget
+    retry = ostudy.ask()  # the next claim gets the retry, with the lost trial's parameters
+    assert retry.number == 3 and retry.suggest_float("module.lr", 0.001, 0.05, log=True) == trials[0].params["module.lr"]
+
+
+def test_a_study_with_running_trials_is_not_copied_and_create_needs_a_budget(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator import record
+    from orchestrator.cli import main
+    from orchestrator.config import SpecError
+    from orchestrator.study import load_study
+
+    monkeypatch.chdir(tmp_path)
+    data = echo_study(space=CONTINUOUS)
+    url = f"journal:{tmp_path / 'tiny.journal'}"
+    record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4).ostudy.ask()
+    with pytest.raises(SpecError, match=r"has running trials \[0\]: stop its workers first"):
+        record.copy_study("tiny", url, f"journal:{tmp_path / 'copy.journal'}")
+    data["study"]["trials"] = None
+    result = CliRunner().invoke(main, ["study", "create", write(tmp_path / "open.yaml", data)])
+    assert result.exit_code == 2 and "no budget: set study.trials or pass --trials" in result.stderr
+    missing = CliRunner().invoke(main, ["study", "worker", "tiny", "--storage", f"journal:{tmp_path / 'nope.journal'}"])
+    assert missing.exit_code == 2 and "nope.journal does not exist" in missing.stderr
+    assert not (tmp_path / "nope.journal").exists()

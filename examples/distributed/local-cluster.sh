@@ -53,5 +53,5 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 "$ORCH" study best "$NAME"
 echo
 echo "Compare the trials in the MLflow UI: $MLFLOW_TRACKING_URI  (Ctrl-C here stops the server)"
-echo "Afterwards: psql $PGADMIN -c 'DROP DATABASE ${TAG}_optuna' -c 'DROP DATABASE ${TAG}_mlflow'"
+echo "Afterwards, drop the databases ${TAG}_optuna and ${TAG}_mlflow (psql \"\$PGADMIN\" -c 'DROP DATABASE ...')"
 wait
