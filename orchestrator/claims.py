@@ -34,9 +34,11 @@ ERROR_ATTR = "orch.error"
 INTERRUPTED_ATTR = "orch.interrupted"
 #: ... or lost with its worker
 LOST_ATTR = "orch.lost"
-#: on a retry, the number of the trial it repeats, and which try it is (the first is 1)
+#: on a retry, the number of the trial it repeats, which try it is (the first is 1), and the first
+#: trial of its line (whose checkpoint folder it continues)
 RETRY_ATTR = "orch.retry_of"
 ATTEMPT_ATTR = "orch.attempt"
+LINEAGE_ATTR = "orch.lineage"
 #: a lost trial is tried this many times in all before its loss counts as a failure
 MAX_ATTEMPTS = 3
 
@@ -90,7 +92,8 @@ def requeue(ostudy, trials=None) -> list[int]:
     for t in trials:
         if not retryable(t) or t.number in retried:
             continue
-        attrs = {RETRY_ATTR: t.number, ATTEMPT_ATTR: t.user_attrs.get(ATTEMPT_ATTR, 1) + 1}
+        attrs = {RETRY_ATTR: t.number, ATTEMPT_ATTR: t.user_attrs.get(ATTEMPT_ATTR, 1) + 1,
+                 LINEAGE_ATTR: t.user_attrs.get(LINEAGE_ATTR, t.number)}
         grid = {k: t.system_attrs[k] for k in ("grid_id", "search_space") if k in t.system_attrs}
         if grid:  # a grid point (its params may be partial if the stop came mid-sampling): same grid id
             ostudy.add_trial(create_trial(state=TrialState.WAITING, system_attrs=grid, user_attrs=attrs))
@@ -119,8 +122,8 @@ def reap(ostudy, trials=None) -> tuple[list[Ended], list[int], list]:
     return lost, retried, trials
 
 
-def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0):
-    """The next trial, or ``None`` when the budget is used up or the deadline has passed.
+def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0, stop=lambda: None):
+    """The next trial, or ``None`` when the budget is used up, the deadline has passed or ``stop()``.
 
     The budget is the study's (:func:`orchestrator.record.budget`), read under the lock, so a
     ``study run --trials N`` that raises it lets every worker carry on. While the budget is
@@ -132,7 +135,7 @@ def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0):
     from orchestrator import record
 
     storage = ostudy._storage
-    while deadline is None or time.time() < deadline:
+    while (deadline is None or time.time() < deadline) and not stop():
         trial = None
         with lock:
             lost, _, trials = reap(ostudy)
@@ -147,7 +150,10 @@ def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0):
             return trial
         if not any(t.state.name == "RUNNING" for t in trials):
             return None
-        time.sleep(poll)
+        for _ in range(max(1, int(poll / 0.1))):
+            if stop():
+                return None
+            time.sleep(0.1)
     return None
 
 
@@ -197,11 +203,13 @@ class Heartbeat:
 
 @dataclass
 class Ended:
-    """A trial that orch failed in Optuna, whose MLflow run is still to be closed."""
+    """A trial that orch failed in Optuna, whose MLflow run is still to be closed as ``state``
+    (``lost``, ``interrupted``, or ``failed`` for a loss on the last try)."""
 
     number: int
     run_id: str | None
     reason: str
+    state: str
 
 
 def fail_stale(ostudy) -> list[Ended]:
@@ -252,8 +260,8 @@ def fail_orphans(ostudy, dead: set[str] | None = None, interrupted: bool = False
         if gone:
             orphans.append(t)
     if interrupted:
-        return fail_trials(ostudy, orphans, lambda t: "interrupted (Ctrl-C) while running; the next run "
-                           "retries it", "interrupted")
+        return fail_trials(ostudy, orphans, lambda t: "interrupted while running (its worker was stopped); it "
+                           "is retried with the same parameters", "interrupted")
     return fail_trials(ostudy, orphans, lambda t: f"lost: worker {t.user_attrs[WORKER_ATTR]} died while "
                        "running this trial" if t.user_attrs.get(WORKER_ATTR) else
                        "lost: its worker died while claiming it", "lost")
@@ -270,11 +278,11 @@ def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
 
     ended = []
     for t in trials:
-        why = reason(t)
+        why, state = reason(t), kind
         attr = INTERRUPTED_ATTR if kind == "interrupted" else LOST_ATTR
         if kind == "lost" and t.user_attrs.get(ATTEMPT_ATTR, 1) >= MAX_ATTEMPTS:
             why += f"; lost on all {MAX_ATTEMPTS} tries, so it counts as failed and is not retried"
-            attr = None
+            attr, state = None, "failed"
         # the reason goes first (a finished trial takes no attributes); should the trial finish in
         # between, the attributes stay on a finished trial, where only FAIL makes them count
         with contextlib.suppress(Exception):
@@ -285,7 +293,7 @@ def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
             ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
         except Exception:  # noqa: BLE001 - finished meanwhile by its worker
             continue
-        ended.append(Ended(t.number, t.user_attrs.get(RUN_ATTR), why))
+        ended.append(Ended(t.number, t.user_attrs.get(RUN_ATTR), why, state))
     return ended
 
 
@@ -297,7 +305,7 @@ def close_runs(mlf, ended: list[Ended]) -> None:
     for e in ended:
         if e.run_id:
             with contextlib.suppress(Exception):
-                runner.end_run(mlf, e.run_id, "failed", e.reason)
+                runner.end_run(mlf, e.run_id, e.state, e.reason)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -166,18 +167,38 @@ def _load(file: str, overrides=()):
 
 
 def _run(spec, *, create: bool, trials=None, **options) -> None:
+    """Run or join a study; exit 0 done, 1 every trial of this run failed (or a fault stopped the
+    study), 2 bad input, 130/143 stopped by SIGINT/SIGTERM."""
+    from orchestrator import stopping
     from orchestrator.config import SpecError
-    from orchestrator.coordinator import run_study
+    from orchestrator.coordinator import ResourceStop, run_study
 
+    stopping.install_coordinator_handlers()
     try:
         outcome = run_study(spec, trials=trials, create=create, echo=lambda m: click.echo(m, err=True),
                             live=sys.stderr.isatty(), **options)
     except SpecError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except stopping.Stopped as exc:
+        click.echo(f"{exc}: the interrupted trials run again with the same command", err=True)
+        sys.exit(exc.exit_code)
+    except ResourceStop as exc:
+        fail(f"{exc}; the study stopped: fix it, then run the same command again (its interrupted trials are "
+             "retried, and use no budget)", code=1)
+    except Exception as exc:  # noqa: BLE001 - only faults that retrying cannot fix are turned into a message
+        from orchestrator.workers import resource_fault
+
+        fault = resource_fault(exc)
+        if fault is None:
+            raise
+        fail(f"{fault} ({type(exc).__name__}); the study stopped: fix it, then run the same command again",
+             code=1)
     click.echo(json.dumps({"study": outcome.name, **outcome.counts, "best_value": outcome.best_value,
                            "best_params": outcome.best_params, "parent_run_id": outcome.parent_run_id}, indent=2))
+    if outcome.all_failed:
+        summary = "; ".join(f"{n} x {reason}" for reason, n in sorted(outcome.failures.items(), key=lambda x: -x[1]))
+        fail(f"every trial of this run failed ({len(outcome.ran)}): {summary}; `orch study show {outcome.name}` "
+             "has the reasons, and each trial's MLflow run its traceback", code=1)
 
 
 @study.command("run")
@@ -283,33 +304,58 @@ def study_copy(name, source, dest, to_name) -> None:
                + (f" as {to_name!r}" if to_name else ""), err=True)
 
 
+@study.command("repair")
+@click.argument("target", metavar="FILE|NAME")
+@_storage_option
+def study_repair(target: str, storage: str | None) -> None:
+    """Rewrite a damaged journal file with every valid record, after a backup beside it.
+
+    For the default storage (a journal file), after `orch` refused it as damaged. A record cut
+    off at the end by a crash needs no repair: it is cut away automatically.
+    """
+    from orchestrator import journal
+    from orchestrator.config import SpecError
+    from orchestrator.locks import file_of
+
+    _, url = _locate(target, storage)
+    if not url.startswith("journal:"):
+        fail(f"{url}: `orch study repair` mends journal files; a database is repaired with its own tools")
+    try:
+        report = journal.repair(file_of(url))
+    except SpecError as exc:
+        fail(str(exc))
+    click.echo(f"kept {report['kept']} records; dropped line(s) {report['dropped_lines'] or 'none'}; "
+               f"backup: {report['backup']}", err=True)
+    click.echo(json.dumps(report, indent=2))
+
+
+def _locate(target: str, storage: str | None) -> tuple[str, str]:
+    """The name and storage URL of a study named by its file or its name (default: its journal file)."""
+    from orchestrator.config import SpecError
+    from orchestrator.study import default_storage_url, load_study
+
+    if target.endswith((".yaml", ".yml")):
+        try:
+            spec = load_study(target)
+        except SpecError as exc:
+            fail(str(exc))
+        return spec.name, storage or spec.section.storage or default_storage_url(spec.name)
+    return target, storage or default_storage_url(target)
+
+
 def _open(target: str, storage: str | None):
     """The Optuna study named by a study file or by its name."""
     import optuna
 
     from orchestrator import record
     from orchestrator.config import SpecError
-    from orchestrator.secrets import redact, redact_url
-    from orchestrator.study import default_storage_url, load_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = target
-    if target.endswith((".yaml", ".yml")):
-        try:
-            spec = load_study(target)
-        except SpecError as exc:
-            fail(str(exc))
-        name, storage = spec.name, storage or spec.section.storage
-    url = storage or default_storage_url(name)
-    if url.startswith("journal:") and not os.path.exists(url[len("journal:"):]):
-        fail(f"no study {name!r}: {url[len('journal:'):]} does not exist (run `orch study run` first, "
-             "or pass --storage)")
+    name, url = _locate(target, storage)
     try:
         return record.load(url, name)
     except SpecError as exc:
         fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
-        fail(f"cannot open the Optuna storage {redact_url(url)}: {type(exc).__name__}: {redact(str(exc))}")
 
 
 @study.command("show")
@@ -357,7 +403,8 @@ def study_best(target: str, storage: str | None) -> None:
 @main.command()
 @click.option("--tracking-uri", default=None, help="Store to browse (default: SQLite in ./mlruns).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port; the URL printed says which).")
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told otherwise)."""
     import os
@@ -372,12 +419,27 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
         click.echo(f"MLflow UI of the tracking server: {redact_url(uri)}", err=True)
         click.echo(redact_url(uri))
         return
+    port = _free_port(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
         cmd += ["--default-artifact-root", artifacts.resolve().as_uri()]
     click.echo(f"MLflow UI on http://{host}:{port}", err=True)
     os.execv(sys.executable, cmd)
+
+
+def _free_port(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host`` (a port 0 becomes a free one), else exit 2 saying why."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+            return s.getsockname()[1]
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+             + (" (another program has it: pass another --port, or --port 0 for any free one)"
+                if exc.errno == errno.EADDRINUSE else ""))
 
 
 if __name__ == "__main__":

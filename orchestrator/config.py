@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +99,17 @@ class Source:
 
     path: str
     lines: dict[str, int]
+    #: dotted keys given with --set (their values come from the command line, not the file)
+    overridden: tuple[str, ...] = ()
 
     def error(self, dotted: str, detail: str) -> SpecError:
-        """A :class:`SpecError` about ``dotted``, prefixed with the file and line."""
+        """A :class:`SpecError` about ``dotted``, prefixed with the file and line (or ``--set``)."""
         return SpecError(f"{self.where(dotted)}: {detail}", key=dotted, detail=detail)
 
     def where(self, dotted: str) -> str:
+        for key in self.overridden:
+            if dotted == key or dotted.startswith(key + "."):
+                return f"{self.path} (--set {key})"
         parts = dotted.split(".")
         while parts and ".".join(parts) not in self.lines:
             parts.pop()
@@ -125,9 +131,14 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], Source]:
     """Safely load a YAML mapping from a file, with the line of every dotted key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (byte {exc.start} is not UTF-8): a run or study file is "
+                        "YAML text") from None
+    if "\x00" in text:
+        raise SpecError(f"{path}: not a text file (it holds NUL bytes): a run or study file is YAML text")
     return yaml_source(text, str(path))
 
 
@@ -141,6 +152,11 @@ def yaml_source(text: str, label: str) -> tuple[dict[str, Any], Source]:
     if not isinstance(data, dict):
         raise SpecError(f"{label}: expected a mapping with sections dataset, cell, module, trainer")
     return data, Source(label, _line_map(node) if node is not None else {})
+
+
+def override_keys(overrides: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The dotted keys of ``--set KEY=VALUE`` overrides."""
+    return tuple(item.partition("=")[0].strip() for item in overrides)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -180,7 +196,7 @@ def _accepted(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
             continue
         sig = inspect.signature(init)
         try:
-            klass_hints = typing.get_type_hints(init)
+            klass_hints = typing.get_type_hints(init, include_extras=True)  # Annotated constraints too
         except Exception:  # noqa: BLE001 - unresolvable hints only lose the type check
             klass_hints = {}
         var_kw = False
@@ -209,29 +225,80 @@ def check_plugin_settings(section: str, kind: str, cls: type, settings: dict[str
             raise src.error(f"{section}.{key}", f"unknown setting {section}.{key} for {kind[:-1]} plugin "
                             f"{cls.__name__}; valid settings: {', '.join(valid) or 'none'}")
         if key in hints:
-            try:
-                settings[key] = TypeAdapter(hints[key]).validate_python(value)
-            except ValidationError:
-                raise src.error(f"{section}.{key}", f"{section}.{key} = {value!r} is not a valid "
-                                f"{_type_name(hints[key])}") from None
+            settings[key] = _checked(f"{section}.{key}", hints[key], value, src)
     missing = [k for k, p in params.items()
                if p.default is p.empty and k not in reserved and k not in settings]
     if missing:
         raise src.error(section, f"section {section} is missing required setting(s) {', '.join(missing)}")
 
 
+def _checked(dotted: str, hint: Any, value: Any, src: Source) -> Any:
+    """``value`` converted to ``hint`` (with its ``Annotated`` constraints), or a :class:`SpecError`
+    that names the type or the valid range."""
+    try:
+        adapter = TypeAdapter(hint, config={"arbitrary_types_allowed": True})
+    except Exception:  # noqa: BLE001 - a hint pydantic cannot check (a class of Lightning's): not checked
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["type"] in _RANGE_ERRORS:  # a constraint the plugin declares: say the valid range
+            raise src.error(dotted, f"{dotted} = {value!r} is not valid: "
+                            f"{err['msg'].replace('Input should be', 'it must be')}") from None
+        raise src.error(dotted, f"{dotted} = {value!r} is not a valid {_type_name(hint)}") from None
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                 "too_short", "too_long", "literal_error"}
+
+
 def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return names + (" (or null)" if type(None) in args else "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def check_trainer(trainer: dict[str, Any], src: Source) -> None:
+    """Lightning ``Trainer`` arguments: known names, the types of its signature, an epoch budget
+    that ends, and an accelerator this machine has."""
     from pytorch_lightning import Trainer  # lazy: Lightning is heavy
 
     valid = [k for k in inspect.signature(Trainer.__init__).parameters if k != "self"]
+    try:
+        hints = typing.get_type_hints(Trainer.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable hints only lose the type check
+        hints = {}
     for key in trainer:
         if key not in valid:
             raise src.error(f"trainer.{key}", f"unknown Trainer argument trainer.{key}; "
                             f"valid: {', '.join(sorted(valid))}")
+        if key in hints:
+            trainer[key] = _checked(f"trainer.{key}", hints[key], trainer[key], src)
+    for key in ("max_epochs", "min_epochs"):
+        if trainer.get(key) is not None and trainer[key] < (1 if key == "max_epochs" else 0):
+            raise src.error(f"trainer.{key}", f"trainer.{key} = {trainer[key]} is not valid: it must be >= "
+                            f"{1 if key == 'max_epochs' else 0} (-1, Lightning's 'no limit', would train forever)")
+    _check_accelerator(trainer, src)
+
+
+def _check_accelerator(trainer: dict[str, Any], src: Source) -> None:
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda") else 0
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise src.error("trainer.accelerator", f"trainer.accelerator = {accelerator!r}, but this machine has no "
+                        "GPU that PyTorch can use (torch.cuda.is_available() is False); use cpu or auto")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise src.error("trainer.accelerator", "trainer.accelerator = 'mps', but MPS is not available here")
+    devices = trainer.get("devices")
+    if gpus and isinstance(devices, int) and devices > gpus:
+        raise src.error("trainer.devices", f"trainer.devices = {devices}, but this machine has {gpus} GPU(s)")
 
 
 def validate(data: dict[str, Any], src: Source) -> RunSpec:
@@ -266,4 +333,5 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     """Load, override and validate a run or study file."""
     data, src = load_yaml(path)
     data = apply_overrides(data, overrides)
+    src.overridden = override_keys(overrides)
     return validate(data, src), src

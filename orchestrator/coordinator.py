@@ -8,14 +8,16 @@ The trials themselves are claimed, run and recorded by the workers (:mod:`orches
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from orchestrator import claims, record, workers
+from orchestrator import claims, record, stopping, workers
 from orchestrator.config import SpecError
 from orchestrator.secrets import redact_url
 from orchestrator.study import Study, default_storage_url, grid_size
@@ -28,6 +30,14 @@ class Outcome:
     best_value: float | None
     best_params: dict = field(default_factory=dict)
     parent_run_id: str | None = None
+    #: the trials this invocation's workers ran, and how those that failed failed
+    ran: list[int] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every trial this invocation ran failed (interrupted and lost ones aside)."""
+        return bool(self.ran) and sum(self.failures.values()) == len(self.ran)
 
 
 def study_budget(study: Study, trials: int | None) -> int | None:
@@ -102,14 +112,49 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     if budget is not None:
         slots = slots[:max(budget - already, 0)] or []
     deadline = time.time() + timeout if timeout else None
+    checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
+    _probe(storage_url, joined.tracking_uri, checkpoint_dir)
     job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
-                      parent_run_id=joined.parent_run_id, deadline=deadline)
+                      parent_run_id=joined.parent_run_id, deadline=deadline,
+                      checkpoint_dir=str(checkpoint_dir))
     echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
          f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
          f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
          f"MLflow {redact_url(joined.tracking_uri)}")
-    _supervise(job, slots, ostudy, mlf, budget, echo, live)
-    return _finish(study, ostudy, mlf, joined)
+    ran = _supervise(job, slots, ostudy, mlf, budget, echo, live)
+    return _finish(study, ostudy, mlf, joined, ran)
+
+
+#: bytes a probe writes into each folder the trials will write to
+PROBE_BYTES = 1 << 20
+
+
+def _probe(storage_url: str, tracking_uri: str, checkpoint_dir: Path) -> None:
+    """Write (and remove) a probe file where the trials will write, before the first trial, so that
+    a full disk or an unwritable folder is one clear message instead of a trial burned per worker."""
+    from orchestrator.locks import file_of
+
+    folders = {"the checkpoint store (study.checkpoint_dir)": checkpoint_dir}
+    if file_of(storage_url):
+        folders["the Optuna storage"] = Path(file_of(storage_url)).parent
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri[len("sqlite:///"):]).parent
+        folders["the MLflow store"] = store
+        folders["the MLflow artifacts"] = store / "artifacts"
+    for what, folder in folders.items():
+        probe = folder / f".orch-probe-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise SpecError(f"cannot write to {what} ({folder}): {exc.strerror or exc}; free space there or "
+                            "point it elsewhere, then run the same command again") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
 
 def _slots(study: Study, devices: list[int] | None, workers_n: int | None,
@@ -128,15 +173,23 @@ def _slots(study: Study, devices: list[int] | None, workers_n: int | None,
                               gpu_count=gpu_count, cpu_count=os.cpu_count() or 1)
 
 
-def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
-    """Start one process per slot, replace any that dies (its trial is marked failed), show progress."""
+class ResourceStop(RuntimeError):
+    """A worker met a fault that retrying cannot fix (a full disk, a read-only store): the study stopped."""
+
+
+def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
+    """Start one process per slot, replace any that dies (its trial is lost, and retried), show
+    progress; returns the ids of the worker processes it ran. A stop signal (:class:`Stopped`) or
+    a worker's :class:`ResourceStop` stops them all, their trials interrupted."""
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.Process] = {}
+    ran: set[str] = set()
 
     def start(slot):
         p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
         p.start()
         procs[slot.index] = p
+        ran.add(claims.worker_id(p.pid))
 
     for slot in slots:
         start(slot)
@@ -152,17 +205,23 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                         continue
                     p.join()
                     del procs[slot.index]
-                    if p.exitcode != 0:
-                        lost = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid)})
-                        claims.close_runs(mlf, lost)
-                        crashes[slot.index] = crashes[slot.index] + 1 if not lost else 0
-                        give_up = crashes[slot.index] >= 3
-                        echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
-                             + (f"; trial(s) {[e.number for e in lost]} lost, to be retried" if lost else "")
-                             + ("; it keeps failing before running a trial, so it is not restarted"
-                                if give_up else "; restarting it"))
-                        if not give_up:
-                            start(slot)
+                    if p.exitcode == workers.RESOURCE_EXIT:
+                        raise ResourceStop(f"worker {slot.index} ({slot.device}) met a fault that retrying "
+                                           "cannot fix (see its message above)")
+                    if p.exitcode == 0:
+                        continue
+                    lost = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid)})
+                    claims.close_runs(mlf, lost)
+                    stopped = p.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM)  # preempted on its own
+                    crashes[slot.index] = 0 if lost or stopped else crashes[slot.index] + 1
+                    give_up = crashes[slot.index] >= 3
+                    echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
+                         + (" (stopped by a signal; its trial is interrupted and retried)" if stopped else "")
+                         + (f"; trial(s) {[e.number for e in lost]} lost, to be retried" if lost else "")
+                         + ("; it keeps failing before running a trial, so it is not restarted"
+                            if give_up else "; restarting it"))
+                    if not give_up:
+                        start(slot)
                 trials = ostudy.get_trials(deepcopy=False)
                 best, _ = best_of(ostudy)
                 line = _progress(job.study.name, counts_of(trials), budget, best, job.study.section.metric)
@@ -173,19 +232,12 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
                         echo(line)
                     last = line
                 time.sleep(0.5)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        echo("interrupted: stopping the workers; their running trials are marked interrupted, "
-             "and the next run (or any worker of the study) runs them again")
-        # a Ctrl-C at the terminal reaches the workers too: give them time to close their trials
-        for p in procs.values():
-            p.join(timeout=15)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
-                p.join(timeout=15)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    except (stopping.Stopped, ResourceStop) as exc:
+        stopping.ignore()  # a second signal must not cut the clean-up short
+        signum = exc.signum if isinstance(exc, stopping.Stopped) else signal.SIGTERM
+        echo(f"{'stopping' if isinstance(exc, ResourceStop) else exc}: stopping the workers; their running "
+             "trials are marked interrupted, and the next run (or any worker of the study) runs them again")
+        _stop_workers(list(procs.values()), signum)
         # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
         with claims.claim_lock(job.storage_url, job.study.name):
             stopped = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
@@ -195,6 +247,22 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> None:
         if not others:  # no other process is running trials of the study
             mlf.set_terminated(job.parent_run_id, "KILLED")
         raise
+    return ran
+
+
+def _stop_workers(procs, signum: int) -> None:
+    """Ask every worker to stop (a signal to the group may have reached them already), give them
+    the time to close their trials at a step boundary, then kill what is left."""
+    for p in procs:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signum)
+    deadline = time.time() + stopping.GRACE + 5
+    for p in procs:
+        p.join(timeout=max(deadline - time.time(), 0.1))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 class _Display:
@@ -241,7 +309,7 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _finish(study: Study, ostudy, mlf, joined) -> Outcome:
+def _finish(study: Study, ostudy, mlf, joined, ran: set[str] = frozenset()) -> Outcome:
     """Best value and params on the parent run; once no trial is running or waiting (in any process
     of the study), the Optuna plots too, and the parent run ends FINISHED."""
     trials = ostudy.get_trials(deepcopy=False)
@@ -265,7 +333,14 @@ def _finish(study: Study, ostudy, mlf, joined) -> Outcome:
         with claims.claim_lock(joined.storage_url, study.name):
             if not any(t.state.name in ("RUNNING", "WAITING") for t in ostudy.get_trials(deepcopy=False)):
                 mlf.set_terminated(parent_id, "FINISHED")
-    return Outcome(study.name, counts, best_value, best_params, parent_id)
+    mine = [t for t in trials if t.user_attrs.get(claims.WORKER_ATTR) in ran and t.state.name != "RUNNING"
+            and not claims.retryable(t)]
+    failures: dict[str, int] = {}
+    for t in mine:
+        if t.state.name == "FAIL":
+            reason = (t.user_attrs.get(claims.ERROR_ATTR) or "unknown").split(":")[0]
+            failures[reason] = failures.get(reason, 0) + 1
+    return Outcome(study.name, counts, best_value, best_params, parent_id, [t.number for t in mine], failures)
 
 
 def _log_plots(ostudy, mlf, run_id: str) -> None:

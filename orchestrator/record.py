@@ -32,7 +32,7 @@ TRACKING_ATTR = "orch.tracking_uri"
 STREAMS_ATTR = "orch.streams"
 #: settings that may change from one invocation of a study to the next
 PER_INVOCATION = ("name", "tracking_uri", "study.name", "study.trials", "study.timeout", "study.resources",
-                  "study.storage")
+                  "study.storage", "study.checkpoint_dir")
 _UNSET = object()
 
 
@@ -126,6 +126,8 @@ def load(storage_url: str, name: str, storage=None):
         return optuna.load_study(study_name=name, storage=storage or open_storage(storage_url))
     except KeyError:
         raise SpecError(missing) from None
+    except SpecError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
         raise SpecError(f"cannot open the Optuna storage {redact_url(storage_url)}: {type(exc).__name__}: "
                         f"{redact(str(exc))}") from None

@@ -12,6 +12,7 @@ import warnings
 import traceback
 from dataclasses import dataclass
 from importlib.metadata import version as dist_version
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -112,12 +113,14 @@ def make_trainer(spec: RunSpec, *, callbacks=(), logger=None, root_dir: str | No
 
 
 def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: Built | None = None,
-        **trainer_overrides) -> dict[str, float]:
-    """Build (unless given) and fit; returns the final ``callback_metrics`` (and test metrics if ``test``)."""
+        resume: str | Path | None = None, **trainer_overrides) -> dict[str, float]:
+    """Build (unless given) and fit, from the checkpoint ``resume`` if given; returns the final
+    ``callback_metrics`` (and test metrics if ``test``)."""
     built = built or build(spec)
     with tempfile.TemporaryDirectory(prefix="orch-") as root:
         trainer = make_trainer(spec, callbacks=callbacks, logger=logger, root_dir=root, **trainer_overrides)
-        trainer.fit(built.module, datamodule=built.datamodule)
+        trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(resume) if resume else None,
+                    weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if test:
             for result in trainer.test(built.module, datamodule=built.datamodule, verbose=False):
@@ -145,8 +148,10 @@ def start_run(mlf, experiment: str, *, run_name: str | None = None, parent_run_i
     return mlf.create_run(tracking.experiment_id(mlf, experiment), run_name=run_name, tags=all_tags).info.run_id
 
 
-#: orch's final state of a run -> MLflow run status
-STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "killed": "KILLED"}
+#: orch's final state of a run -> MLflow run status. ``interrupted`` (stopped by a signal) and
+#: ``lost`` (its worker died) are retried; the ``orch.state`` tag tells the three KILLED ones apart
+STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "killed": "KILLED",
+          "interrupted": "KILLED", "lost": "KILLED"}
 
 
 def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = None) -> None:
@@ -175,12 +180,15 @@ def device_of(spec: RunSpec) -> str:
 
 
 def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
-                checkpoint: tuple[str, str] | None = None, **trainer_overrides) -> RunResult:
+                checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None,
+                resume: Path | None = None, **trainer_overrides) -> RunResult:
     """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
 
     ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
-    artifact ``checkpoints/best.ckpt``. Exceptions propagate (after the finished epochs are
-    flushed); the caller closes the run with :func:`end_run`.
+    artifact ``checkpoints/best.ckpt``. ``ckpt_dir``: a folder of the checkpoint store
+    (:mod:`orchestrator.checkpoints`) that receives ``last.ckpt`` every epoch and the best
+    checkpoint; ``resume``: a ``last.ckpt`` to continue from. Exceptions propagate (after the
+    finished epochs are flushed); the caller closes the run with :func:`end_run`.
     """
     from orchestrator import tracking
 
@@ -192,16 +200,23 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
         mlf.set_tag(run_id, k, v)
     logger = tracking.EpochLogger(mlf, run_id)
     callbacks = list(callbacks)
-    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as ckpt_dir:
+    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+        directory = Path(ckpt_dir or tmp)
+        if ckpt_dir:
+            from orchestrator.checkpoints import LastCheckpoint
+
+            directory.mkdir(parents=True, exist_ok=True)
+            callbacks.append(LastCheckpoint(directory))
         if checkpoint:
             from pytorch_lightning.callbacks import ModelCheckpoint
 
-            best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=checkpoint[0], mode=checkpoint[1],
+            best = ModelCheckpoint(dirpath=directory, filename="best", monitor=checkpoint[0], mode=checkpoint[1],
                                    save_top_k=1, save_weights_only=True)
             callbacks.append(best)
             trainer_overrides["enable_checkpointing"] = True
         try:
-            metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, **trainer_overrides)
+            metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, resume=resume,
+                          **trainer_overrides)
         finally:
             logger.flush()  # keep the epochs that did finish
         if checkpoint and best.best_model_path:

@@ -13,6 +13,7 @@ A study file is a run file plus::
       resources: {workers: null, devices: null, trials_per_device: 1}
       storage: null                 # default: a journal file under mlruns/optuna/
       heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
+      checkpoint_dir: null          # where trials keep their last checkpoint (default mlruns/checkpoints)
       space:
         cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
         cell.hidden_size: {type: int, low: 100, high: 800, step: 50}
@@ -34,7 +35,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.config import RunSpec, Source, SpecError, apply_overrides, validate
+from orchestrator.config import RunSpec, Source, SpecError, apply_overrides, override_keys, validate
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
@@ -156,6 +157,7 @@ class StudySection(BaseModel):
     storage: str | None = None
     heartbeat: Heartbeat = Heartbeat()
     checkpoint: bool = True
+    checkpoint_dir: str | None = None
     space: dict[str, Param] = Field(default_factory=dict)
 
 
@@ -276,6 +278,12 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     from orchestrator.config import load_yaml
 
     data, src = load_yaml(path)
+    src.overridden = override_keys(overrides)
+    searched = [k for k in src.overridden if k in ((data.get("study") or {}).get("space") or {})]
+    if searched:
+        raise SpecError(f"{path} (--set {searched[0]}): {searched[0]} is searched by study.space, so a fixed value "
+                        f"would be ignored; change its range (--set study.space.{searched[0]}.high=...) or take it "
+                        "out of the space")
     return study_from(apply_overrides(data, overrides), src)
 
 
@@ -409,8 +417,11 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None):
     from orchestrator.locks import init_lock, sqlalchemy_url
 
     if url.startswith("journal:"):
+        from orchestrator import journal
+
         path = Path(url[len("journal:"):]).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
+        journal.check(path)  # a torn last record is cut away; other damage is refused, untouched
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     heartbeat = heartbeat or Heartbeat()
     engine = {"pool_pre_ping": True}

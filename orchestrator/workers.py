@@ -4,7 +4,8 @@ A worker pins its device (``CUDA_VISIBLE_DEVICES``) and its torch threads before
 imported, then loops: claim a trial under a lock (so that the budget shared by all workers,
 on this machine and others, is never overshot), sample its parameters, run it inside its own
 MLflow child run, and tell Optuna the outcome. Optuna and MLflow always end in the same state:
-complete, pruned (the pruner, or a per-epoch report), or failed (with the reason).
+complete, pruned (the pruner, or a per-epoch report), failed (with the reason), or interrupted
+(a stop signal, a full disk: retried, no budget used).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
-from orchestrator.claims import (ERROR_ATTR, INTERRUPTED_ATTR, RETRY_ATTR, RUN_ATTR, claim, claim_lock,
-                                 worker_id)
+from orchestrator.claims import (ERROR_ATTR, INTERRUPTED_ATTR, LINEAGE_ATTR, RETRY_ATTR, RUN_ATTR, claim,
+                                 claim_lock, worker_id)
 from orchestrator.secrets import redact
 
 
@@ -54,6 +56,7 @@ class Job:
     tracking_uri: str
     parent_run_id: str
     deadline: float | None
+    checkpoint_dir: str  # the root of the checkpoint store (orchestrator.checkpoints)
 
 
 # ---- one trial ---------------------------------------------------------------------------------
@@ -75,10 +78,15 @@ def pruning_callback(trial, metric: str):
 
 
 def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
-    """Run one claimed trial to its end in Optuna and MLflow; returns its state."""
+    """Run one claimed trial to its end in Optuna and MLflow; returns the state it ended in.
+
+    A retried trial (``orch.retry_of``) continues from the last checkpoint of its lineage, if the
+    checkpoint store has one, with the earlier epochs' metrics copied to its MLflow run and
+    reported to Optuna again.
+    """
     import optuna
 
-    from orchestrator import runner
+    from orchestrator import checkpoints, runner, stopping
     from orchestrator.config import SpecError
     from orchestrator.contracts.module import NonFiniteLossError
     from orchestrator.study import suggest
@@ -86,8 +94,14 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     section = job.study.section
     tags = {"orch.study": job.study.name, "orch.trial": str(trial.number), "orch.role": "trial",
             "orch.worker": worker_id(), "orch.slot": slot.device, "orch.stream": str(stream)}
-    if RETRY_ATTR in trial.user_attrs:
-        tags[RETRY_ATTR] = str(trial.user_attrs[RETRY_ATTR])
+    retry_of = trial.user_attrs.get(RETRY_ATTR)
+    lineage = trial.user_attrs.get(LINEAGE_ATTR, trial.number)
+    if retry_of is not None:
+        tags[RETRY_ATTR] = str(retry_of)
+    folder = checkpoints.folder(job.checkpoint_dir, job.study.name, lineage)
+    resume_at = checkpoints.resume_epoch(folder / checkpoints.LAST) if retry_of is not None else None
+    if resume_at is not None:
+        tags["orch.resumed_at_epoch"] = str(resume_at)
     run_id = runner.start_run(mlf, job.study.name, run_name=f"trial-{trial.number}",
                               parent_run_id=job.parent_run_id, tags=tags)
     trial.set_user_attr(RUN_ATTR, run_id)
@@ -95,11 +109,15 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     try:
         params = suggest(trial, section, job.study.data)
         spec = job.study.spec_for(params)
+        if resume_at is not None:
+            _carry_over(ostudy, trial, mlf, run_id, retry_of, resume_at)
         overrides = {"accelerator": "gpu", "devices": 1} if slot.gpu is not None else {"accelerator": "cpu"}
         overrides["enable_progress_bar"] = False
         mode = "min" if section.direction == "minimize" else "max"
-        result = runner.tracked_fit(spec, mlf, run_id, callbacks=[pruning_callback(trial, section.metric)],
+        result = runner.tracked_fit(spec, mlf, run_id,
+                                    callbacks=[pruning_callback(trial, section.metric), stopping.callback()],
                                     checkpoint=(section.metric, mode) if section.checkpoint else None,
+                                    ckpt_dir=folder, resume=folder / checkpoints.LAST if resume_at else None,
                                     **overrides)
         value = result.metrics.get(section.metric)
         if value is None:
@@ -108,21 +126,79 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{section.metric} is {value}")
     except optuna.TrialPruned as exc:
-        return _conclude(ostudy, trial, mlf, run_id, "pruned", error=str(exc))
+        state = _conclude(ostudy, trial, mlf, run_id, "pruned", error=str(exc))
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
-        # the trial ends failed, as in Optuna; Lightning turns a Ctrl-C into SystemExit, which
-        # counts as the user's interrupt only if this process did receive SIGINT
-        killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        interrupted = isinstance(exc, KeyboardInterrupt) or (killed and _sigint_received)
-        reason = ("interrupted (Ctrl-C) while running; the next run retries it" if interrupted else
-                  exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}")
-        attrs = {ERROR_ATTR: redact(reason)[:2000], **({INTERRUPTED_ATTR: True} if interrupted else {})}
-        state = _conclude(ostudy, trial, mlf, run_id, "failed", error=reason if interrupted else exc, attrs=attrs)
-        if killed:
+        # a stop signal (the flag, Lightning's SIGTERMException, a KeyboardInterrupt) interrupts
+        # the trial: it is retried and uses no budget; a resource that retrying cannot fix
+        # (a full disk, a read-only store) interrupts it too, and stops the study
+        fatal = resource_fault(exc)
+        interrupted = stopping.requested() is not None or isinstance(exc, KeyboardInterrupt) or fatal
+        if interrupted:
+            reason = (f"interrupted: {fatal}" if fatal else
+                      f"interrupted ({signal.Signals(stopping.requested() or signal.SIGINT).name}) while running; "
+                      "it is retried with the same parameters, from its last checkpoint")
+            attrs = {ERROR_ATTR: redact(reason)[:2000], INTERRUPTED_ATTR: True}
+            state = _conclude(ostudy, trial, mlf, run_id, "interrupted", error=reason, attrs=attrs)
+            if fatal:
+                raise ResourceFault(fatal) from exc
+            return state
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        return state
-    mlf.log_metric(run_id, "objective", value)
-    return _conclude(ostudy, trial, mlf, run_id, "complete", value=value)
+        reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
+        state = _conclude(ostudy, trial, mlf, run_id, "failed", error=exc, attrs={ERROR_ATTR: redact(reason)[:2000]})
+    else:
+        mlf.log_metric(run_id, "objective", value)
+        state = _conclude(ostudy, trial, mlf, run_id, "complete", value=value)
+    if state in ("complete", "pruned", "failed"):
+        checkpoints.remove(folder)  # the best checkpoint is in MLflow; nothing is left to resume
+    return state
+
+
+def _carry_over(ostudy, trial, mlf, run_id: str, retry_of: int, resume_at: int) -> None:
+    """Give a resumed trial the epochs it does not run again: MLflow metrics and Optuna reports."""
+    from orchestrator import checkpoints
+
+    previous = ostudy._storage.get_trial(ostudy._storage.get_trial_id_from_study_id_trial_number(
+        ostudy._study_id, retry_of))
+    if previous.user_attrs.get(RUN_ATTR):
+        checkpoints.copy_history(mlf, previous.user_attrs[RUN_ATTR], run_id, resume_at)
+    for step, value in sorted(previous.intermediate_values.items()):
+        if step < resume_at:
+            trial.report(value, step)
+
+
+class ResourceFault(RuntimeError):
+    """A fault that retrying cannot fix (disk full, read-only or unwritable store): the study stops."""
+
+
+#: exit code of a worker stopped by a :class:`ResourceFault` (EX_TEMPFAIL)
+RESOURCE_EXIT = 75
+_RESOURCE_ERRNOS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+                    "EROFS": "read-only file system", "EFBIG": "file too large (a file-size limit)",
+                    "EACCES": "permission denied"}
+_RESOURCE_TEXT = {"database or disk is full": "disk full (database)", "disk I/O error": "disk I/O error",
+                  "attempt to write a readonly database": "read-only database",
+                  "No space left on device": "no space left on the device"}
+
+
+def resource_fault(exc: BaseException) -> str | None:
+    """What in ``exc`` (or what caused it) is a fault that retrying cannot fix, or ``None``."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "errno", None)
+        for name, what in _RESOURCE_ERRNOS.items():
+            if code == getattr(errno, name, None):
+                where = getattr(exc, "filename", None)
+                return f"{what}{f' ({where})' if where else ''}"
+        text = str(exc)
+        for needle, what in _RESOURCE_TEXT.items():
+            if needle in text:
+                return what
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _conclude(ostudy, trial, mlf, run_id: str, state: str, *, value: float | None = None, error=None,
@@ -132,7 +208,7 @@ def _conclude(ostudy, trial, mlf, run_id: str, state: str, *, value: float | Non
     MLflow is closed first: should the process die in between, the trial is still RUNNING in
     Optuna, and is found lost and failed in both. A trial that another process declared lost
     meanwhile (its heartbeats stalled past the grace period, and a retry is queued) keeps that
-    verdict: its MLflow run ends FAILED, as it is in Optuna, and ``"lost"`` is returned.
+    verdict: its MLflow run ends as lost, as it is in Optuna, and ``"lost"`` is returned.
     """
     import optuna
 
@@ -157,28 +233,22 @@ def _conclude(ostudy, trial, mlf, run_id: str, state: str, *, value: float | Non
 
 def _taken_over(ostudy, trial, mlf, run_id: str) -> bool:
     """Whether the trial was already finished by another process (declared lost); if so its MLflow
-    run is closed FAILED, as the trial is in Optuna."""
+    run is closed as lost, as the trial is in Optuna."""
     from orchestrator import runner
 
     if ostudy._storage.get_trial(trial._trial_id).state.name == "RUNNING":
         return False
-    runner.end_run(mlf, run_id, "failed", "lost: declared lost while it was still running (its heartbeat "
+    runner.end_run(mlf, run_id, "lost", "lost: declared lost while it was still running (its heartbeat "
                    "stalled past the grace period); a retry replaces it")
     return True
 
 
 # ---- the worker process ------------------------------------------------------------------------
-_sigint_received = False
-
-
-def _on_sigint(signum, frame):
-    global _sigint_received
-    _sigint_received = True
-    raise KeyboardInterrupt
-
-
 def worker_main(job: Job, slot: Slot) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
+    from orchestrator import stopping
+
+    stopping.install_worker_handlers()
     # pin the device before anything can initialise CUDA; slot.gpu indexes the GPUs the
     # coordinator could see, which may themselves be a CUDA_VISIBLE_DEVICES selection
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
@@ -187,8 +257,6 @@ def worker_main(job: Job, slot: Slot) -> None:
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[slot.gpu] if visible else str(slot.gpu)
     os.environ.setdefault("OMP_NUM_THREADS", str(slot.threads))
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
     import logging
     import warnings
 
@@ -217,9 +285,15 @@ def worker_main(job: Job, slot: Slot) -> None:
         stream = record.next_stream(ostudy)
     ostudy.sampler = make_sampler(section, stream=stream)
     poll = min(2.0, float(section.heartbeat.interval))
-    while True:
-        trial = claim(ostudy, lock, job.deadline, mlf, poll=poll)
+    while stopping.requested() is None:
+        trial = claim(ostudy, lock, job.deadline, mlf, poll=poll, stop=stopping.requested)
         if trial is None:
-            return
-        with Heartbeat(ostudy, trial):  # RDB storages: alive, for the workers of other machines
-            run_trial(job, ostudy, trial, mlf, slot, stream)
+            break
+        try:
+            with Heartbeat(ostudy, trial):  # RDB storages: alive, for the workers of other machines
+                run_trial(job, ostudy, trial, mlf, slot, stream)
+        except ResourceFault as exc:
+            print(f"orch worker: {exc}; the study stops", file=sys.stderr, flush=True)
+            sys.exit(RESOURCE_EXIT)
+    if stopping.requested() is not None:
+        sys.exit(stopping.exit_code())

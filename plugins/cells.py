@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from orchestrator.contracts.cell import Cell, State
+from orchestrator.contracts.settings import Count, Probability
 
 
 class RNNCell(Cell):
     """Vanilla tanh RNN (``torch.nn.RNN``). State: ``(h,)`` with ``h`` of shape ``[L, B, H]``."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+    def __init__(self, input_size: int, hidden_size: Count, num_layers: Count = 1, dropout: Probability = 0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.rnn = nn.RNN(input_size, hidden_size, num_layers, nonlinearity="tanh",
                           dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
@@ -45,8 +46,8 @@ class RNNCell(Cell):
 class _LSTMBase(Cell):
     """Shared construction for the two LSTMs: state ``(h, c)``, each ``[L, B, H]``."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, forget_bias: float = 0.0):
+    def __init__(self, input_size: int, hidden_size: Count, num_layers: Count = 1,
+                 dropout: Probability = 0.0, forget_bias: float = 0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout)
         self.forget_bias = float(forget_bias)
 
@@ -70,8 +71,8 @@ class _LSTMBase(Cell):
 class LSTMCell(_LSTMBase):
     """``torch.nn.LSTM`` (cuDNN on GPU) with ``forget_bias`` added to the forget-gate bias."""
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, forget_bias: float = 0.0):
+    def __init__(self, input_size: int, hidden_size: Count, num_layers: Count = 1,
+                 dropout: Probability = 0.0, forget_bias: float = 0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout, forget_bias)
         self.rnn = nn.LSTM(input_size, hidden_size, num_layers,
                            dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
@@ -166,8 +167,8 @@ class DIYLSTMCell(_LSTMBase):
     its own forward and backward (:class:`_LSTMLayer`) instead of an autograd graph per step.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, forget_bias: float = 0.0):
+    def __init__(self, input_size: int, hidden_size: Count, num_layers: Count = 1,
+                 dropout: Probability = 0.0, forget_bias: float = 0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout, forget_bias)
         for k in range(num_layers):
             in_k = input_size if k == 0 else hidden_size

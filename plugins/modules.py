@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.contracts.dataset import DatasetInfo
-from orchestrator.contracts.module import CellSpec, SequenceModule
+from orchestrator.contracts.module import CellSpec, Optimizer, SequenceModule
+from orchestrator.contracts.settings import Count, Index, Positive, Probability
 
 
 class LanguageModel(SequenceModule):
@@ -34,10 +35,10 @@ class LanguageModel(SequenceModule):
 
     tasks = ("language_model",)
 
-    def __init__(self, cell: CellSpec, info: DatasetInfo, dropout: float = 0.0, tie_weights: bool = False,
-                 embedding_size: int | None = None, lr: float = 1.0, optimizer: str = "sgd",
-                 clip_grad_norm: float | None = 5.0, lr_decay: float = 0.5, decay_after: int = 4,
-                 init_scale: float | None = 0.1, **kwargs):
+    def __init__(self, cell: CellSpec, info: DatasetInfo, dropout: Probability = 0.0, tie_weights: bool = False,
+                 embedding_size: Count | None = None, lr: Positive = 1.0, optimizer: Optimizer = "sgd",
+                 clip_grad_norm: Positive | None = 5.0, lr_decay: Positive = 0.5, decay_after: Index = 4,
+                 init_scale: Positive | None = 0.1, **kwargs):
         super().__init__(cell, info, lr=lr, optimizer=optimizer, clip_grad_norm=clip_grad_norm,
                          lr_decay=lr_decay, decay_after=decay_after, init_scale=init_scale, **kwargs)
         emb = embedding_size or cell.hidden_size
@@ -74,7 +75,8 @@ class _StepModule(SequenceModule):
 
     out_features = 1
 
-    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: float = 1e-2, optimizer: str = "adam", **kwargs):
+    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: Positive = 1e-2, optimizer: Optimizer = "adam",
+                 **kwargs):
         super().__init__(cell, info, lr=lr, optimizer=optimizer, **kwargs)
         self.cell = cell.build(info.input_size)
         self.head = nn.Linear(cell.hidden_size, self.out_features or info.num_classes)

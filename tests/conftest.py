@@ -154,6 +154,15 @@ def runs_of(client, name):
 STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED"), "FAIL": ("failed", "FAILED")}
 
 
+def expected_state(trial) -> tuple[str, str]:
+    """The ``orch.state`` tag and MLflow status that a finished trial's run must have."""
+    if trial.state.name == "FAIL" and trial.user_attrs.get("orch.interrupted"):
+        return "interrupted", "KILLED"
+    if trial.state.name == "FAIL" and trial.user_attrs.get("orch.lost"):
+        return "lost", "KILLED"
+    return STATES[trial.state.name]
+
+
 def check_agreement(study, parents, children):
     """Exactly one child run per trial, under the one parent run, in the same final state."""
     assert len(parents) == 1
@@ -167,7 +176,7 @@ def check_agreement(study, parents, children):
     assert sorted(by_trial) == [t.number for t in trials]
     for t in trials:
         run = by_trial[t.number]
-        assert (run.data.tags["orch.state"], run.info.status) == STATES[t.state.name], t.number
+        assert (run.data.tags["orch.state"], run.info.status) == expected_state(t), t.number
         assert t.user_attrs["orch.mlflow_run_id"] == run.info.run_id
     return by_trial
 

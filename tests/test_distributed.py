@@ -127,7 +127,7 @@ def test_a_lost_worker_s_trial_goes_stale_and_another_worker_retries_it(tmp_path
     lost = study.trials[victim.number]
     assert lost.state.name == "FAIL" and lost.user_attrs["orch.lost"] is True
     assert "sent no heartbeat for over 3 s" in lost.user_attrs["orch.error"]
-    assert by_trial[victim.number].info.status == "FAILED"
+    assert by_trial[victim.number].info.status == "KILLED" and by_trial[victim.number].data.tags["orch.state"] == "lost"
     [retry] = [t for t in study.trials if t.user_attrs.get("orch.retry_of") == victim.number]
     assert retry.params == victim.params and retry.state.name == "COMPLETE"
     assert by_trial[retry.number].data.tags["orch.retry_of"] == str(victim.number)

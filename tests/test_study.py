@@ -135,7 +135,7 @@ def test_killed_worker_s_trial_is_lost_and_retried_at_its_grid_point(tmp_path, f
     killed = study.trials[victim.number]
     assert killed.state.name == "FAIL" and killed.user_attrs["orch.lost"] is True
     assert "died while running this trial" in killed.user_attrs["orch.error"]
-    assert "lost" in by_trial[victim.number].data.tags["orch.error"]
+    assert "lost" in by_trial[victim.number].data.tags["orch.reason"]
     [retry] = [t for t in study.trials if t.user_attrs.get("orch.retry_of") == victim.number]
     assert retry.params == killed.params and retry.state.name == "COMPLETE" and retry.user_attrs["orch.attempt"] == 2
     assert sorted(t.params["module.mode"] for t in study.trials if t.state.name == "COMPLETE") == ["fine", "hang", "ok"]
@@ -298,7 +298,7 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     [stopped] = study.trials
     assert stopped.number == victim.number and stopped.state.name == "FAIL"
     assert stopped.user_attrs["orch.interrupted"] is True and "interrupted" in stopped.user_attrs["orch.error"]
-    assert "interrupted" in by_trial[stopped.number].data.tags["orch.error"]
+    assert "interrupted" in by_trial[stopped.number].data.tags["orch.reason"]
 
     # the same command: the interrupted trial used no budget and runs again with its parameters
     proc = orch("study", "run", path, "--workers", "1", cwd=tmp_path, env=env)

@@ -25,13 +25,17 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
 
 from orchestrator.contracts.cell import Cell, State, detach_state
 from orchestrator.contracts.dataset import DatasetInfo
+from orchestrator.contracts.settings import Index, NonNegative, Positive
+
+#: the optimisers a :class:`SequenceModule` builds
+Optimizer = Literal["sgd", "adam"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,9 +77,9 @@ class SequenceModule(pl.LightningModule):
     #: Tasks (see :data:`orchestrator.contracts.dataset.TASKS`) this module can train.
     tasks: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: float = 1e-3, optimizer: str = "adam",
-                 weight_decay: float = 0.0, clip_grad_norm: float | None = None, lr_decay: float = 1.0,
-                 decay_after: int = 0, init_scale: float | None = None, nan_check_every: int = 25):
+    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: Positive = 1e-3, optimizer: Optimizer = "adam",
+                 weight_decay: NonNegative = 0.0, clip_grad_norm: Positive | None = None, lr_decay: Positive = 1.0,
+                 decay_after: Index = 0, init_scale: Positive | None = None, nan_check_every: Index = 25):
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")

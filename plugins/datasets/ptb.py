@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule, StreamWindows
+from orchestrator.contracts.settings import Count
 
 SPLITS = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
 
@@ -93,8 +94,8 @@ class PTB(SequenceDataModule):
             to use another corpus laid out the same way (tests use small generated ones).
     """
 
-    def __init__(self, data_dir: str | None = None, batch_size: int = 20, eval_batch_size: int = 10,
-                 bptt: int = 35, download_url: str = DEFAULT_URL, cache_dir: str | None = None,
+    def __init__(self, data_dir: str | None = None, batch_size: Count = 20, eval_batch_size: Count = 10,
+                 bptt: Count = 35, download_url: str = DEFAULT_URL, cache_dir: str | None = None,
                  checksums: dict[str, str] | None = None):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt)):

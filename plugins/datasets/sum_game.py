@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule
+from orchestrator.contracts.settings import Count, Index
 
 SYMBOLS = "+-0I"
 _VALUE = torch.tensor([1, -1, 0, 0])  # what each symbol adds before inversion
@@ -108,9 +109,9 @@ class SumGame(SequenceDataModule):
             carried across them); ``None``: whole sequences.
     """
 
-    def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: int = 0, batch_size: int = 32,
-                 long_lengths: tuple[int, ...] | list[int] = (50, 100), long_count: int = 500,
-                 bptt: int | None = None):
+    def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: int = 0, batch_size: Count = 32,
+                 long_lengths: tuple[int, ...] | list[int] = (50, 100), long_count: Index = 500,
+                 bptt: Count | None = None):
         super().__init__()
         if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_LENGTH:
             raise ValueError(f"sum_game: length must be an integer from 1 to {MAX_LENGTH}, got {length!r}")
