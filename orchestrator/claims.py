@@ -287,8 +287,9 @@ def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
         # between, the attributes stay on a finished trial, where only FAIL makes them count
         with contextlib.suppress(Exception):
             ostudy._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, why)
-            if attr:
-                ostudy._storage.set_trial_user_attr(t._trial_id, attr, True)
+            for flag in (INTERRUPTED_ATTR, LOST_ATTR):  # one verdict, whatever its worker had begun to write
+                if flag == attr or t.user_attrs.get(flag):
+                    ostudy._storage.set_trial_user_attr(t._trial_id, flag, flag == attr)
         try:
             ostudy._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
         except Exception:  # noqa: BLE001 - finished meanwhile by its worker

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import claims, record, stopping, workers
+from orchestrator import claims, probes, record, stopping, workers
 from orchestrator.config import SpecError
 from orchestrator.secrets import redact_url
 from orchestrator.study import Study, default_storage_url, grid_size
@@ -113,7 +113,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
         slots = slots[:max(budget - already, 0)] or []
     deadline = time.time() + timeout if timeout else None
     checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
-    _probe(storage_url, joined.tracking_uri, checkpoint_dir)
+    probes.probe(checkpoint_dir, "the checkpoint store (study.checkpoint_dir)")
     job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
                       parent_run_id=joined.parent_run_id, deadline=deadline,
                       checkpoint_dir=str(checkpoint_dir))
@@ -123,38 +123,6 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
          f"MLflow {redact_url(joined.tracking_uri)}")
     ran = _supervise(job, slots, ostudy, mlf, budget, echo, live)
     return _finish(study, ostudy, mlf, joined, ran)
-
-
-#: bytes a probe writes into each folder the trials will write to
-PROBE_BYTES = 1 << 20
-
-
-def _probe(storage_url: str, tracking_uri: str, checkpoint_dir: Path) -> None:
-    """Write (and remove) a probe file where the trials will write, before the first trial, so that
-    a full disk or an unwritable folder is one clear message instead of a trial burned per worker."""
-    from orchestrator.locks import file_of
-
-    folders = {"the checkpoint store (study.checkpoint_dir)": checkpoint_dir}
-    if file_of(storage_url):
-        folders["the Optuna storage"] = Path(file_of(storage_url)).parent
-    if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri[len("sqlite:///"):]).parent
-        folders["the MLflow store"] = store
-        folders["the MLflow artifacts"] = store / "artifacts"
-    for what, folder in folders.items():
-        probe = folder / f".orch-probe-{os.getpid()}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"\0" * PROBE_BYTES)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise SpecError(f"cannot write to {what} ({folder}): {exc.strerror or exc}; free space there or "
-                            "point it elsewhere, then run the same command again") from None
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
 
 
 def _slots(study: Study, devices: list[int] | None, workers_n: int | None,
@@ -235,17 +203,22 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
     except (stopping.Stopped, ResourceStop) as exc:
         stopping.ignore()  # a second signal must not cut the clean-up short
         signum = exc.signum if isinstance(exc, stopping.Stopped) else signal.SIGTERM
-        echo(f"{'stopping' if isinstance(exc, ResourceStop) else exc}: stopping the workers; their running "
-             "trials are marked interrupted, and the next run (or any worker of the study) runs them again")
+        echo(f"{'a fault that retrying cannot fix' if isinstance(exc, ResourceStop) else exc}: stopping the "
+             "workers; their running trials are marked interrupted, and the next run (or any worker of the "
+             "study) runs them again")
         _stop_workers(list(procs.values()), signum)
-        # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
-        with claims.claim_lock(job.storage_url, job.study.name):
-            stopped = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
-                                          interrupted=True)
-            others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
-        claims.close_runs(mlf, stopped)
-        if not others:  # no other process is running trials of the study
-            mlf.set_terminated(job.parent_run_id, "KILLED")
+        try:
+            # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
+            with claims.claim_lock(job.storage_url, job.study.name):
+                stopped = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
+                                              interrupted=True)
+                others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
+            claims.close_runs(mlf, stopped)
+            if not others:  # no other process is running trials of the study
+                mlf.set_terminated(job.parent_run_id, "KILLED")
+        except Exception as again:  # a full or read-only store: the next run finds the trials lost
+            if not (isinstance(exc, ResourceStop) and workers.resource_fault(again)):
+                raise
         raise
     return ran
 

@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import claims, tracking
+from orchestrator import claims, probes, tracking
 from orchestrator.config import SpecError
-from orchestrator.secrets import MASK, redact, redact_data, redact_url
+from orchestrator.secrets import MASK, describe, redact_data, redact_url
 from orchestrator.study import Study, open_storage, study_from
 
 SPEC_ATTR = "orch.spec"
@@ -64,6 +64,8 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
     shown = redact_url(storage_url)
     if not create:
         load(storage_url, study.name)  # a clear message, before anything is created, if it is not there
+    else:
+        probes.probe_stores(storage_url, None)
     if tracking_uri:  # an unreachable server fails here, in seconds, not while the study's lock is held
         tracking.check_reachable(tracking_uri)
     try:
@@ -76,19 +78,19 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
             uri = _tracking_uri(study, attrs.get(TRACKING_ATTR), tracking_uri, create)
             if uri != tracking_uri:
                 tracking.check_reachable(uri)
+            probes.probe_stores(storage_url, uri)
             try:
                 mlf = tracking.client(uri)
                 parent = parent_run(mlf, study, ostudy, storage_url, uri, attrs, create)
             except SpecError:
                 raise
             except Exception as exc:  # noqa: BLE001 - unreachable or refusing tracking server, ...
-                raise SpecError(f"cannot use the MLflow tracking store {redact_url(uri)}: {type(exc).__name__}: "
-                                f"{redact(str(exc))}") from None
+                raise SpecError(f"cannot use the MLflow tracking store {redact_url(uri)}: {describe(exc)}") from None
             lost, retried, _ = claims.reap(ostudy)
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
-        raise SpecError(f"cannot open the Optuna storage {shown}: {type(exc).__name__}: {redact(str(exc))}") from None
+        raise SpecError(f"cannot open the Optuna storage {shown}: {describe(exc)}") from None
     claims.close_runs(mlf, lost)
     return Joined(ostudy, storage_url, uri, mlf, parent, [e.number for e in lost], retried)
 
@@ -129,8 +131,7 @@ def load(storage_url: str, name: str, storage=None):
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
-        raise SpecError(f"cannot open the Optuna storage {redact_url(storage_url)}: {type(exc).__name__}: "
-                        f"{redact(str(exc))}") from None
+        raise SpecError(f"cannot open the Optuna storage {redact_url(storage_url)}: {describe(exc)}") from None
 
 
 def stored_study(storage_url: str, name: str) -> Study:
@@ -286,8 +287,7 @@ def copy_study(name: str, source: str, dest: str, to_name: str | None = None) ->
     except optuna.exceptions.DuplicatedStudyError:
         raise SpecError(f"{redact_url(dest)} already holds a study {to_name or name!r}; pass --to-name") from None
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, ...
-        raise SpecError(f"cannot copy study {name!r} to {redact_url(dest)}: {type(exc).__name__}: "
-                        f"{redact(str(exc))}") from None
+        raise SpecError(f"cannot copy study {name!r} to {redact_url(dest)}: {describe(exc)}") from None
     n = len(trials)
     if to_name and to_name != name:
         copied = load(dest, to_name)

@@ -73,3 +73,10 @@ def redact_data(node):
     if isinstance(node, str) and "://" in node:
         return redact_url(node)
     return node
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``, passwords hidden: an exception fit for a one-line error
+    (drivers append the SQL and a link on further lines)."""
+    lines = str(exc).strip().splitlines()
+    return redact(f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))

@@ -49,6 +49,7 @@ def client(uri: str | None = None):
     # MLflow's INFO lines (creating and migrating the store's tables) are noise in a run's output,
     # and so are the run links it prints (with a server's URI) each time a run ends
     logging.getLogger("mlflow.store").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # it logs, then raises: orch reports
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = _credentials_to_env(resolve_tracking_uri(uri))
     mlf = mlflow.MlflowClient(tracking_uri=uri)

@@ -138,7 +138,11 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
                       f"interrupted ({signal.Signals(stopping.requested() or signal.SIGINT).name}) while running; "
                       "it is retried with the same parameters, from its last checkpoint")
             attrs = {ERROR_ATTR: redact(reason)[:2000], INTERRUPTED_ATTR: True}
-            state = _conclude(ostudy, trial, mlf, run_id, "interrupted", error=reason, attrs=attrs)
+            try:
+                state = _conclude(ostudy, trial, mlf, run_id, "interrupted", error=reason, attrs=attrs)
+            except Exception as again:  # noqa: BLE001 - the store itself is full or read-only:
+                if not (fatal and resource_fault(again)):  # the trial stays RUNNING, and the next
+                    raise  # run finds it lost, in Optuna and MLflow alike
             if fatal:
                 raise ResourceFault(fatal) from exc
             return state

@@ -90,6 +90,7 @@ def test_four_workers_on_two_machines_share_a_postgres_study_through_an_mlflow_s
     assert not (machine_b / "mlruns").exists()  # nothing logged beside the workers
 
 
+@pytest.mark.slow
 def test_a_lost_worker_s_trial_goes_stale_and_another_worker_retries_it(tmp_path, databases, fake_dist):
     root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
     env = {"PYTHONPATH": str(root)}
@@ -134,7 +135,8 @@ def test_a_lost_worker_s_trial_goes_stale_and_another_worker_retries_it(tmp_path
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3 and len(study.trials) == 4  # full budget
 
 
-@pytest.mark.parametrize("store", ["journal", "postgresql", pytest.param("sqlite", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("store", ["journal", pytest.param("postgresql", marks=pytest.mark.slow),
+                                   pytest.param("sqlite", marks=pytest.mark.slow)])
 def test_two_runs_started_at_the_same_instant_on_a_fresh_store(tmp_path, request, store):
     data = echo_study(trials=6, space=CONTINUOUS)
     path = write(tmp_path / "tiny.yaml", data)

@@ -246,16 +246,16 @@ def test_median_pruner_prunes_from_the_epoch_metric(tmp_path):
                            for u in study.trials[:t.number])
 
 
-def test_ui_serves_the_store_on_loopback(tmp_path):
-    import socket
+def test_ui_serves_the_store_on_loopback_on_the_port_it_prints(tmp_path):
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        line = proc.stderr.readline()  # --port 0: any free port, and the URL says which
+        assert line.startswith("MLflow UI on http://127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        assert port > 0
         deadline = time.time() + 90
         body = None
         while time.time() < deadline and body is None:
@@ -263,7 +263,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read().decode()
             except OSError:
-                assert proc.poll() is None, proc.stdout.read()
+                assert proc.poll() is None, proc.stderr.read()
         assert body is not None and "OK" in body
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         if listening:  # bound to loopback only
