@@ -277,6 +277,7 @@ def test_ui_serves_the_store_on_loopback_on_the_port_it_prints(tmp_path):
             os.killpg(proc.pid, 9)
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(tmp_path, fake_dist):
     root = fake_dist("flaky-module", FLAKY, {"flaky_module": FLAKY_SRC})
     data = echo_study(trials=2, space={"module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
