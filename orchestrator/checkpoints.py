@@ -1,22 +1,26 @@
 """The study's checkpoint store: what lets a retried trial continue instead of starting over.
 
-Each trial of a study writes, at the end of every epoch, ``last.ckpt`` (weights, optimiser and
-scheduler, the loops' progress, the callbacks' state, and the random number generators' states)
-into a folder of its *lineage*: the trial it retries, or itself. The trial's best checkpoint
+Each trial of a study writes, at the end of every epoch but the last, ``last.ckpt`` (weights,
+optimiser and scheduler, the loops' progress, the callbacks' state, and the random number
+generators' states) into a folder of its *lineage*: the trial it retries, or itself. The file
+becomes the one to resume from (``last.json`` names its epoch and the trial's fingerprint) only
+once that epoch's metrics are in MLflow, so a retry never skips an epoch that was not logged, and
+never resumes another trial's checkpoint. The trial's best checkpoint
 (``best.ckpt``, logged to MLflow at the end) lives beside it. A trial that is interrupted
 (Ctrl-C, SIGTERM, preemption) or lost (its worker died) leaves the folder behind; its retry
 resumes from ``last.ckpt`` at the next epoch, and its MLflow run receives the earlier epochs'
 metrics from the interrupted run, so that every epoch is logged once. A trial that ends
 (complete, pruned, failed) removes its folder.
 
-Files are written to a temporary name and renamed, so a kill mid-write leaves the previous
-epoch's checkpoint whole; they are loaded with ``weights_only=True``. The store is
+Files are written to a temporary name of the writing process and renamed, so a kill mid-write
+leaves the previous epoch's checkpoint whole; they are loaded with ``weights_only=True``. The store is
 ``study.checkpoint_dir`` (default ``mlruns/checkpoints``): on several machines, a shared
 filesystem lets a retry on another machine resume too (else it starts over).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -26,21 +30,30 @@ import pytorch_lightning as pl
 import torch
 
 LAST = "last.ckpt"
-BEST = "best"  # ModelCheckpoint adds .ckpt
+INDEX = "last.json"
 
 
 def folder(root: str | Path, study: str, lineage: int) -> Path:
     return Path(root).resolve() / study / f"trial-{lineage}"
 
 
-def resume_epoch(path: Path) -> int | None:
-    """The epoch to resume at from ``path`` (``None``: no usable checkpoint)."""
-    if not path.is_file():
-        return None
+def fingerprint(study_id: int, lineage: int, params: dict) -> str:
+    """What ties a checkpoint to one line of trials of one study (and its parameters)."""
+    import hashlib
+
+    text = json.dumps([study_id, lineage, sorted(params.items())], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resume_epoch(directory: Path, key: str) -> int | None:
+    """The epoch to resume at from ``directory`` (``None``: nothing to resume for ``key``)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"]) + 1
-    except Exception:  # noqa: BLE001 - a damaged file is as good as none: the trial starts over
+        index = json.loads((Path(directory) / INDEX).read_text())
+    except (OSError, ValueError):
         return None
+    if index.get("key") != key or not (Path(directory) / LAST).is_file():
+        return None
+    return int(index["epoch"]) + 1
 
 
 def _rng_state() -> dict:
@@ -70,16 +83,33 @@ def _tuples(value):
 
 
 class LastCheckpoint(pl.Callback):
-    """Writes ``last.ckpt`` into ``directory`` at the end of every training epoch (after its
-    validation), atomically; carries the RNG states in its own state."""
+    """Keeps ``last.ckpt`` in ``directory``: written at the end of every training epoch but the
+    last (after its validation), published when the next epoch starts, once the loggers have
+    written the finished epoch's metrics; carries the RNG states in its own state."""
 
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / LAST
+    def __init__(self, directory: Path, key: str):
+        self.directory = Path(directory)
+        self.key = key
+        self._pending: tuple[Path, int] | None = None
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
+            return  # the last epoch: a retry would have nothing left to train
+        tmp = self.directory / f"{LAST}.{os.getpid()}.tmp"
         trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        self._pending = (tmp, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if self._pending is None:
+            return
+        tmp, epoch = self._pending
+        self._pending = None
+        for logger in trainer.loggers:  # the finished epoch's metrics first, then the checkpoint
+            getattr(logger, "flush", logger.save)()
+        os.replace(tmp, self.directory / LAST)
+        index = self.directory / f"{INDEX}.{os.getpid()}.tmp"
+        index.write_text(json.dumps({"epoch": epoch, "key": self.key}))
+        os.replace(index, self.directory / INDEX)
 
     def state_dict(self) -> dict:
         return {"rng": _rng_state()}
@@ -88,14 +118,18 @@ class LastCheckpoint(pl.Callback):
         _set_rng_state(state_dict["rng"])
 
 
-def copy_history(mlf, source_run: str, target_run: str, before_epoch: int) -> int:
-    """Log ``source_run``'s metrics of the epochs before ``before_epoch`` to ``target_run``."""
+def copy_history(mlf, source_runs: list[str], target_run: str, before_epoch: int) -> int:
+    """Log to ``target_run`` the metrics of the epochs before ``before_epoch``, each (metric, epoch)
+    from the first of ``source_runs`` (the earlier tries, newest first) that has it."""
     from mlflow.entities import Metric
 
-    metrics = []
-    for key in mlf.get_run(source_run).data.metrics:
-        metrics += [Metric(key, m.value, m.timestamp, m.step) for m in mlf.get_metric_history(source_run, key)
-                    if m.step < before_epoch]
+    taken: dict[tuple[str, int], Metric] = {}
+    for run in source_runs:
+        for key in mlf.get_run(run).data.metrics:
+            for m in mlf.get_metric_history(run, key):
+                if m.step < before_epoch:
+                    taken.setdefault((key, m.step), Metric(key, m.value, m.timestamp, m.step))
+    metrics = list(taken.values())
     for i in range(0, len(metrics), 1000):
         mlf.log_batch(target_run, metrics=metrics[i:i + 1000])
     return len(metrics)

@@ -8,8 +8,8 @@ exact whatever the number of processes.
 A trial whose worker is gone is *lost*: its worker process died (the supervisor saw it exit, or
 its pid no longer exists on this host) or, with an RDB storage, its heartbeat went silent for
 longer than the grace period (a killed ``study worker``, a machine that disappeared). A lost
-trial ends FAILED in Optuna and MLflow, uses no budget, and is retried with the same parameters
-by the next worker to claim (at most :data:`MAX_ATTEMPTS` tries in all, after which it counts as
+trial ends FAILED in Optuna (KILLED in MLflow), uses no budget, and is retried with the same parameters
+by the next worker to claim (until its line has been lost :data:`MAX_LOSSES` times: then it counts as
 an ordinary failure). A trial the user interrupted (Ctrl-C) is retried the same way.
 """
 
@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,8 +40,10 @@ LOST_ATTR = "orch.lost"
 RETRY_ATTR = "orch.retry_of"
 ATTEMPT_ATTR = "orch.attempt"
 LINEAGE_ATTR = "orch.lineage"
-#: a lost trial is tried this many times in all before its loss counts as a failure
-MAX_ATTEMPTS = 3
+#: on a retry, how many tries of its line were lost before it (interruptions do not count)
+LOSSES_ATTR = "orch.losses"
+#: the loss of this many tries of one line counts as a failure (no more retries)
+MAX_LOSSES = 3
 
 
 def claim_lock(storage_url: str, study_name: str):
@@ -93,7 +96,8 @@ def requeue(ostudy, trials=None) -> list[int]:
         if not retryable(t) or t.number in retried:
             continue
         attrs = {RETRY_ATTR: t.number, ATTEMPT_ATTR: t.user_attrs.get(ATTEMPT_ATTR, 1) + 1,
-                 LINEAGE_ATTR: t.user_attrs.get(LINEAGE_ATTR, t.number)}
+                 LINEAGE_ATTR: t.user_attrs.get(LINEAGE_ATTR, t.number),
+                 LOSSES_ATTR: t.user_attrs.get(LOSSES_ATTR, 0) + (1 if t.user_attrs.get(LOST_ATTR) else 0)}
         grid = {k: t.system_attrs[k] for k in ("grid_id", "search_space") if k in t.system_attrs}
         if grid:  # a grid point (its params may be partial if the stop came mid-sampling): same grid id
             ostudy.add_trial(create_trial(state=TrialState.WAITING, system_attrs=grid, user_attrs=attrs))
@@ -140,7 +144,7 @@ def claim(ostudy, lock, deadline: float | None, mlf, poll: float = 2.0, stop=lam
         with lock:
             lost, _, trials = reap(ostudy)
             budget = record.budget(ostudy)
-            if budget is None or counted(trials) < budget:
+            if (budget is None or counted(trials) < budget) and not stop():
                 trial = ostudy.ask()
                 if is_heartbeat_enabled(storage):  # alive from the start, before it has an owner to outlive
                     storage.record_heartbeat(trial._trial_id)
@@ -176,10 +180,17 @@ class Heartbeat:
     def _beat(self) -> None:
         import logging
 
+        from orchestrator import stopping
+
         interval = self._storage.get_heartbeat_interval()
         failing = False
         while not self._stop.wait(interval):
             try:
+                if self._storage.get_trial(self._trial_id).state.name != "RUNNING":
+                    # declared lost by another process (its heartbeats stalled): a retry runs it now,
+                    # so this worker stops at the next step instead of training it twice
+                    stopping.request(signal.SIGTERM)
+                    return
                 self._storage.record_heartbeat(self._trial_id)
                 failing = False
             except Exception as exc:  # noqa: BLE001 - retried at the next beat
@@ -271,7 +282,7 @@ def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
     """End ``trials`` FAILED in Optuna with ``reason(trial)``; close their MLflow runs with
     :func:`close_runs`.
 
-    ``kind``: ``"lost"`` (retried, unless it was the last of :data:`MAX_ATTEMPTS` tries) or
+    ``kind``: ``"lost"`` (retried, unless its line was lost :data:`MAX_LOSSES` times) or
     ``"interrupted"`` (retried); either uses no budget.
     """
     import optuna
@@ -280,8 +291,8 @@ def fail_trials(ostudy, trials, reason, kind: str) -> list[Ended]:
     for t in trials:
         why, state = reason(t), kind
         attr = INTERRUPTED_ATTR if kind == "interrupted" else LOST_ATTR
-        if kind == "lost" and t.user_attrs.get(ATTEMPT_ATTR, 1) >= MAX_ATTEMPTS:
-            why += f"; lost on all {MAX_ATTEMPTS} tries, so it counts as failed and is not retried"
+        if kind == "lost" and t.user_attrs.get(LOSSES_ATTR, 0) + 1 >= MAX_LOSSES:
+            why += f"; its line was lost {MAX_LOSSES} times, so it counts as failed and is not retried"
             attr, state = None, "failed"
         # the reason goes first (a finished trial takes no attributes); should the trial finish in
         # between, the attributes stay on a finished trial, where only FAIL makes them count

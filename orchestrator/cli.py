@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 
 import click
@@ -102,8 +103,14 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
     try:
         result = runner.tracked_fit(spec, mlf, run_id, test=test)
     except BaseException as exc:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
         runner.end_run(mlf, run_id, "killed" if killed else "failed", exc)
+        if isinstance(exc, SIGTERMException):  # Lightning's, a SystemExit without a code
+            sys.exit(128 + signal.SIGTERM)
+        if isinstance(exc, KeyboardInterrupt):
+            sys.exit(128 + signal.SIGINT)
         if killed:
             raise
         if isinstance(exc, (runner.IncompatibleError, NonFiniteLossError, ValueError, OSError)):
@@ -173,7 +180,7 @@ def _run(spec, *, create: bool, trials=None, **options) -> None:
     from orchestrator.config import SpecError
     from orchestrator.coordinator import ResourceStop, run_study
 
-    stopping.install_coordinator_handlers()
+    previous = stopping.install_coordinator_handlers()
     try:
         outcome = run_study(spec, trials=trials, create=create, echo=lambda m: click.echo(m, err=True),
                             live=sys.stderr.isatty(), **options)
@@ -193,6 +200,8 @@ def _run(spec, *, create: bool, trials=None, **options) -> None:
             raise
         fail(f"{fault} ({type(exc).__name__}); the study stopped: fix it, then run the same command again",
              code=1)
+    finally:
+        stopping.restore(previous)
     click.echo(json.dumps({"study": outcome.name, **outcome.counts, "best_value": outcome.best_value,
                            "best_params": outcome.best_params, "parent_run_id": outcome.parent_run_id}, indent=2))
     if outcome.all_failed:
@@ -307,7 +316,8 @@ def study_copy(name, source, dest, to_name) -> None:
 @study.command("repair")
 @click.argument("target", metavar="FILE|NAME")
 @_storage_option
-def study_repair(target: str, storage: str | None) -> None:
+@click.option("--force", is_flag=True, help="Drop damaged lines even where that renumbers trials.")
+def study_repair(target: str, storage: str | None, force: bool) -> None:
     """Rewrite a damaged journal file with every valid record, after a backup beside it.
 
     For the default storage (a journal file), after `orch` refused it as damaged. A record cut
@@ -321,7 +331,7 @@ def study_repair(target: str, storage: str | None) -> None:
     if not url.startswith("journal:"):
         fail(f"{url}: `orch study repair` mends journal files; a database is repaired with its own tools")
     try:
-        report = journal.repair(file_of(url))
+        report = journal.repair(file_of(url), force=force)
     except SpecError as exc:
         fail(str(exc))
     click.echo(f"kept {report['kept']} records; dropped line(s) {report['dropped_lines'] or 'none'}; "

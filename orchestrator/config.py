@@ -107,8 +107,8 @@ class Source:
         return SpecError(f"{self.where(dotted)}: {detail}", key=dotted, detail=detail)
 
     def where(self, dotted: str) -> str:
-        for key in self.overridden:
-            if dotted == key or dotted.startswith(key + "."):
+        for key in self.overridden:  # the key itself, a part of it, or a section that holds it
+            if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
                 return f"{self.path} (--set {key})"
         parts = dotted.split(".")
         while parts and ".".join(parts) not in self.lines:
@@ -263,9 +263,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def check_trainer(trainer: dict[str, Any], src: Source) -> None:
+def check_trainer(trainer: dict[str, Any], src: Source, machine: bool = True) -> None:
     """Lightning ``Trainer`` arguments: known names, the types of its signature, an epoch budget
-    that ends, and an accelerator this machine has."""
+    that ends, and (``machine``) an accelerator this machine has."""
     from pytorch_lightning import Trainer  # lazy: Lightning is heavy
 
     valid = [k for k in inspect.signature(Trainer.__init__).parameters if k != "self"]
@@ -277,13 +277,19 @@ def check_trainer(trainer: dict[str, Any], src: Source) -> None:
         if key not in valid:
             raise src.error(f"trainer.{key}", f"unknown Trainer argument trainer.{key}; "
                             f"valid: {', '.join(sorted(valid))}")
-        if key in hints:
-            trainer[key] = _checked(f"trainer.{key}", hints[key], trainer[key], src)
-    for key in ("max_epochs", "min_epochs"):
-        if trainer.get(key) is not None and trainer[key] < (1 if key == "max_epochs" else 0):
-            raise src.error(f"trainer.{key}", f"trainer.{key} = {trainer[key]} is not valid: it must be >= "
-                            f"{1 if key == 'max_epochs' else 0} (-1, Lightning's 'no limit', would train forever)")
-    _check_accelerator(trainer, src)
+        if key in hints:  # checked, not converted: Lightning takes the values as written
+            _checked(f"trainer.{key}", hints[key], trainer[key], src)
+    epochs = trainer.get("max_epochs")
+    ends = trainer.get("max_steps", -1) not in (None, -1) or trainer.get("max_time") is not None
+    if epochs is not None and epochs < 1 and not (epochs == -1 and ends):
+        raise src.error("trainer.max_epochs", f"trainer.max_epochs = {epochs} is not valid: it must be >= 1 "
+                        "(or -1, Lightning's 'no limit', together with max_steps or max_time; alone it would "
+                        "train forever)")
+    if trainer.get("min_epochs") is not None and trainer["min_epochs"] < 0:
+        raise src.error("trainer.min_epochs", f"trainer.min_epochs = {trainer['min_epochs']} is not valid: "
+                        "it must be >= 0")
+    if machine:
+        _check_accelerator(trainer, src)
 
 
 def _check_accelerator(trainer: dict[str, Any], src: Source) -> None:
@@ -301,8 +307,9 @@ def _check_accelerator(trainer: dict[str, Any], src: Source) -> None:
         raise src.error("trainer.devices", f"trainer.devices = {devices}, but this machine has {gpus} GPU(s)")
 
 
-def validate(data: dict[str, Any], src: Source) -> RunSpec:
-    """Turn loaded YAML into a :class:`RunSpec`, checking plugins and every setting."""
+def validate(data: dict[str, Any], src: Source, machine: bool = True) -> RunSpec:
+    """Turn loaded YAML into a :class:`RunSpec`, checking plugins and every setting (and, with
+    ``machine``, that this machine has the accelerator it asks for)."""
     from orchestrator import registry
 
     try:
@@ -325,7 +332,7 @@ def validate(data: dict[str, Any], src: Source) -> RunSpec:
         except registry.PluginError as exc:
             raise src.error(f"{section}.plugin", str(exc)) from None
         check_plugin_settings(section, kind, cls, plugin.__pydantic_extra__, src)
-    check_trainer(spec.trainer, src)
+    check_trainer(spec.trainer, src, machine)
     return spec
 
 

@@ -92,6 +92,8 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     section = study.section
     timeout = timeout if timeout is not None else section.timeout
     storage_url = storage_url or section.storage or default_storage_url(study.name)
+    checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
+    probes.probe(checkpoint_dir, "the checkpoint store (study.checkpoint_dir)")  # before anything is written
     if create:
         budget = study_budget(study, trials)
         if budget is None and timeout is None:
@@ -112,11 +114,9 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     if budget is not None:
         slots = slots[:max(budget - already, 0)] or []
     deadline = time.time() + timeout if timeout else None
-    checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
-    probes.probe(checkpoint_dir, "the checkpoint store (study.checkpoint_dir)")
     job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
                       parent_run_id=joined.parent_run_id, deadline=deadline,
-                      checkpoint_dir=str(checkpoint_dir))
+                      checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid())
     echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
          f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
          f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
@@ -155,16 +155,16 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
 
     def start(slot):
         p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
+        procs[slot.index] = p  # tracked before it runs: a stop signal now still finds it
         p.start()
-        procs[slot.index] = p
         ran.add(claims.worker_id(p.pid))
 
-    for slot in slots:
-        start(slot)
     last = ""
     crashes = {slot.index: 0 for slot in slots}  # consecutive crashes with no trial finished between
     display = _Display(live)
     try:
+        for slot in slots:
+            start(slot)
         with display:
             while procs:
                 for slot in slots:
@@ -210,8 +210,8 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
         try:
             # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
             with claims.claim_lock(job.storage_url, job.study.name):
-                stopped = claims.fail_orphans(ostudy, dead={claims.worker_id(p.pid) for p in procs.values()} | {""},
-                                              interrupted=True)
+                stopped = claims.fail_orphans(ostudy, interrupted=True, dead={
+                claims.worker_id(p.pid) for p in procs.values() if p.pid is not None} | {""})
                 others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
             claims.close_runs(mlf, stopped)
             if not others:  # no other process is running trials of the study
@@ -227,11 +227,13 @@ def _stop_workers(procs, signum: int) -> None:
     """Ask every worker to stop (a signal to the group may have reached them already), give them
     the time to close their trials at a step boundary, then kill what is left."""
     for p in procs:
-        if p.is_alive():
+        if p.pid is not None and p.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signum)
     deadline = time.time() + stopping.GRACE + 5
     for p in procs:
+        if p.pid is None:  # never started
+            continue
         p.join(timeout=max(deadline - time.time(), 0.1))
         if p.is_alive():
             p.kill()

@@ -9,7 +9,10 @@ Optuna's journal is one JSON record per line, appended under a lock file. Two ki
 - anything else (a line that is not a record, in the middle or complete at the end): the file
   is refused with one message naming it, the line and its byte offset, and nothing is appended
   to it. ``orch study repair`` then keeps a backup (``PATH.bak-TIME``) and rewrites the file
-  with every valid record.
+  with every valid record, unless that would renumber trials.
+
+Appends go through :func:`backend`, which mends a torn tail before writing, so that a write that
+failed half-way (a full disk) does not get the next record glued onto its fragment.
 """
 
 from __future__ import annotations
@@ -57,31 +60,44 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
-def check(path: str | Path) -> None:
-    """Make ``path`` safe to open: cut a torn tail away, refuse any other damage (:class:`SpecError`)."""
+def _lock(path: Path):
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal._file import get_lock_file
+
+    return get_lock_file(JournalFileOpenLock(str(path)))
+
+
+def _mend_tail(path: Path) -> None:
+    """Under the journal's lock: cut a torn last line away (or end a whole record with its newline)."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    tail = data[start:]
+    if _record(tail):  # a whole record that lost only its newline
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
+        return
+    (path.parent / f"{path.name}.torn-{_stamp()}").write_bytes(tail)
+    with open(path, "r+b") as f:
+        f.truncate(start)
+        os.fsync(f.fileno())
+
+
+def check(path: str | Path, mend: bool = True) -> None:
+    """Make ``path`` safe to use: refuse damage (:class:`SpecError`), and with ``mend`` cut a torn
+    tail away (readers need not: Optuna ignores an unfinished last line)."""
     path = Path(path)
     if not path.exists():
         return
     good, damage = scan(path.read_bytes())
-    if damage is None:
-        return
-    if damage.torn:
-        from optuna.storages.journal import JournalFileOpenLock
-        from optuna.storages.journal._file import get_lock_file
-
-        with get_lock_file(JournalFileOpenLock(str(path))):  # no write is in progress now
-            data = path.read_bytes()
-            good, damage = scan(data)
-            if damage is not None and damage.torn:
-                if _record(damage.text):  # a whole record that lost only its newline
-                    with open(path, "ab") as f:
-                        f.write(b"\n")
-                else:
-                    (path.parent / f"{path.name}.torn-{_stamp()}").write_bytes(damage.text)
-                    with open(path, "r+b") as f:
-                        f.truncate(damage.offset)
-                        os.fsync(f.fileno())
-                good, damage = scan(path.read_bytes())
+    if damage is not None and damage.torn:
+        if not mend:
+            return
+        with _lock(path):  # no write is in progress now
+            _mend_tail(path)
+        good, damage = scan(path.read_bytes())
     if damage is not None:
         raise SpecError(f"{path}: the journal is damaged at line {damage.line} (byte {damage.offset}): "
                         f"{damage.text[:80]!r} is not a journal record; nothing was written to it. Its "
@@ -89,26 +105,80 @@ def check(path: str | Path) -> None:
                         "keeps a backup and rewrites it with every valid record")
 
 
-def repair(path: str | Path) -> dict:
-    """Back ``path`` up, then rewrite it with every valid record; returns what was kept and dropped."""
-    from optuna.storages.journal import JournalFileOpenLock
-    from optuna.storages.journal._file import get_lock_file
+def backend(path: str | Path):
+    """Optuna's journal file backend, whose appends first mend a torn tail that a failed write (a
+    full disk) left behind, so that a record is never glued onto a fragment."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+    class Mending(JournalFileBackend):
+        def append_logs(self, logs):
+            with _lock(Path(self._file_path)):
+                _mend_tail(Path(self._file_path))
+            super().append_logs(logs)
+
+    return Mending(str(path), lock_obj=JournalFileOpenLock(str(path)))
+
+
+#: Optuna's journal operation codes that create a trial, and that name one
+_CREATE_TRIAL = 4
+
+
+def repair(path: str | Path, force: bool = False) -> dict:
+    """Back ``path`` up, then rewrite it with every valid record; returns what was kept and dropped.
+
+    Refused (:class:`SpecError`) while a process of this machine is running one of its trials, and,
+    unless ``force``, when a dropped line was a trial's creation (later records would then name
+    the wrong trials: Optuna numbers trials in the order the journal creates them).
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such journal file")
-    with get_lock_file(JournalFileOpenLock(str(path))):
+    with _lock(path):
         data = path.read_bytes()
-        backup = path.parent / f"{path.name}.bak-{_stamp()}"
-        shutil.copy2(path, backup)
         kept, dropped = [], []
         for number, raw in enumerate(data.splitlines(keepends=True), start=1):
             (kept if _record(raw.rstrip(b"\r\n")) else dropped).append((number, raw))
+        _check_numbering([json.loads(raw) for _, raw in kept], [n for n, _ in dropped], force)
         tmp = path.parent / f"{path.name}.repair-tmp"
         with open(tmp, "wb") as f:
             f.write(b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for _, raw in kept))
             f.flush()
             os.fsync(f.fileno())
+        try:
+            _check_no_live_worker(tmp)
+        except SpecError:
+            tmp.unlink()
+            raise
+        backup = path.parent / f"{path.name}.bak-{_stamp()}"
+        shutil.copy2(path, backup)
         os.replace(tmp, path)
     return {"journal": str(path), "backup": str(backup), "kept": len(kept),
             "dropped_lines": [number for number, _ in dropped]}
+
+
+def _check_numbering(records: list[dict], dropped: list[int], force: bool) -> None:
+    created = 0
+    for rec in records:
+        if rec.get("op_code") == _CREATE_TRIAL:
+            created += 1
+        elif "trial_id" in rec and rec["trial_id"] >= created and not force:
+            raise SpecError(f"dropping line(s) {dropped} would renumber trials: a later record names trial id "
+                            f"{rec['trial_id']}, but only {created} trials are created before it, so a dropped line "
+                            "probably created one. Nothing was changed; `--force` drops them anyway (a backup is kept), "
+                            "or restore the journal from a copy of your own")
+
+
+def _check_no_live_worker(path: Path) -> None:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from orchestrator import claims
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    here = claims.machine()
+    for study in storage.get_all_studies():
+        for t in storage.get_all_trials(study._study_id, states=(optuna.trial.TrialState.RUNNING,)):
+            owner_machine, _, pid = t.user_attrs.get(claims.WORKER_ATTR, "").rpartition(":")
+            if owner_machine == here and pid.isdigit() and claims._pid_alive(int(pid)):
+                raise SpecError(f"trial {t.number} of study {study.study_name!r} is running in process {pid}: "
+                                "stop the study's processes first (a repair rewrites the file under them)")

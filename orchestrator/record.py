@@ -112,7 +112,7 @@ def _load(study: Study, storage_url: str, create: bool):
     return ostudy
 
 
-def load(storage_url: str, name: str, storage=None):
+def load(storage_url: str, name: str, storage=None, writable: bool = False):
     """The Optuna study ``name`` in the storage at ``storage_url``; a missing study, journal file or
     database, or an unreachable one, is a :class:`SpecError`."""
     import optuna
@@ -125,7 +125,7 @@ def load(storage_url: str, name: str, storage=None):
     if storage is None and path is not None and not os.path.exists(path):
         raise SpecError(f"{missing}; {path} does not exist")
     try:
-        return optuna.load_study(study_name=name, storage=storage or open_storage(storage_url))
+        return optuna.load_study(study_name=name, storage=storage or open_storage(storage_url, writable=writable))
     except KeyError:
         raise SpecError(missing) from None
     except SpecError:
@@ -290,7 +290,7 @@ def copy_study(name: str, source: str, dest: str, to_name: str | None = None) ->
         raise SpecError(f"cannot copy study {name!r} to {redact_url(dest)}: {describe(exc)}") from None
     n = len(trials)
     if to_name and to_name != name:
-        copied = load(dest, to_name)
+        copied = load(dest, to_name, writable=True)
         text = copied.user_attrs.get(SPEC_ATTR)
         if text:  # the stored study file names its study
             data = parse_yaml(text)

@@ -180,14 +180,14 @@ def device_of(spec: RunSpec) -> str:
 
 
 def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
-                checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None,
+                checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None, ckpt_key: str = "",
                 resume: Path | None = None, **trainer_overrides) -> RunResult:
     """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
 
     ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
     artifact ``checkpoints/best.ckpt``. ``ckpt_dir``: a folder of the checkpoint store
-    (:mod:`orchestrator.checkpoints`) that receives ``last.ckpt`` every epoch and the best
-    checkpoint; ``resume``: a ``last.ckpt`` to continue from. Exceptions propagate (after the
+    (:mod:`orchestrator.checkpoints`) that receives ``last.ckpt`` every epoch (marked with
+    ``ckpt_key``) and the best checkpoint; ``resume``: a ``last.ckpt`` to continue from. Exceptions propagate (after the
     finished epochs are flushed); the caller closes the run with :func:`end_run`.
     """
     from orchestrator import tracking
@@ -206,7 +206,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
             from orchestrator.checkpoints import LastCheckpoint
 
             directory.mkdir(parents=True, exist_ok=True)
-            callbacks.append(LastCheckpoint(directory))
+            callbacks.append(LastCheckpoint(directory, ckpt_key))
         if checkpoint:
             from pytorch_lightning.callbacks import ModelCheckpoint
 

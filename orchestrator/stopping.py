@@ -1,6 +1,6 @@
 """Stopping: SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption), and workers that outlive nothing.
 
-In a worker process a stop signal only raises a flag; the running trial stops at its next step
+In a worker process a stop signal (SIGINT, SIGTERM, SIGHUP) only raises a flag; the running trial stops at its next step
 boundary (:func:`callback`), ends *interrupted* in Optuna and MLflow (retried with the same
 parameters, from its last checkpoint, using no budget), and the worker exits with 128 + the
 signal (130 for SIGINT, 143 for SIGTERM). A worker also stops when its coordinator dies, even
@@ -26,8 +26,9 @@ _PR_SET_PDEATHSIG = 1
 _stop: int | None = None  # the signal that asked this process to stop
 
 
-class Stopped(Exception):
-    """The coordinator was asked to stop by ``signum``."""
+class Stopped(BaseException):
+    """The coordinator was asked to stop by ``signum`` (a BaseException, like KeyboardInterrupt, so
+    that no ``except Exception`` on the way swallows it)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -57,11 +58,14 @@ def exit_code() -> int:
     return 128 + (_stop or signal.SIGTERM)
 
 
-def install_worker_handlers() -> None:
-    """SIGINT and SIGTERM raise the flag; the worker also stops when its parent dies."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def install_worker_handlers(parent: int) -> None:
+    """Stop signals raise the flag; the worker also stops when its parent (pid ``parent``, the
+    coordinator that started it) dies, even before this process got this far."""
+    for signum in SIGNALS:
         signal.signal(signum, request)
-    parent = os.getppid()
     try:  # Linux: the kernel sends SIGTERM when the parent dies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -96,19 +100,19 @@ def callback():
 
 
 def install_coordinator_handlers() -> dict:
-    """SIGINT and SIGTERM raise :class:`Stopped` in the coordinator; returns the previous handlers."""
+    """Stop signals raise :class:`Stopped` in the coordinator; returns the previous handlers."""
     def stop(signum, frame):
         ignore()  # a second signal must not cut the clean-up short
         raise Stopped(signum)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
     for signum in previous:
         signal.signal(signum, stop)
     return previous
 
 
 def ignore() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

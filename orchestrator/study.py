@@ -191,7 +191,8 @@ class Study:
                 node[last] = params[key]
             else:
                 node.pop(last, None)
-        return validate(data, self.src)
+        # the machine was checked when the file was loaded; a worker's slot sets its own device
+        return validate(data, self.src, machine=False)
 
 
 def _pydantic_message(exc: ValidationError, prefix: str, src: Source) -> SpecError:
@@ -404,12 +405,14 @@ def default_storage_url(name: str) -> str:
     return f"journal:{Path('mlruns').resolve() / 'optuna' / f'{name}.journal'}"
 
 
-def open_storage(url: str, heartbeat: Heartbeat | None = None):
+def open_storage(url: str, heartbeat: Heartbeat | None = None, writable: bool = True):
     """An Optuna storage from a URL: ``journal:PATH`` (file journal) or any SQLAlchemy URL (RDB).
 
     RDB storages record heartbeats of running trials (``heartbeat``, default :class:`Heartbeat`),
     which is how a trial whose worker vanished is found; orch fails and retries such trials
-    itself (:mod:`orchestrator.claims`), in Optuna and MLflow alike.
+    itself (:mod:`orchestrator.claims`), in Optuna and MLflow alike. A journal file is checked
+    first (:mod:`orchestrator.journal`); ``writable=False`` (a command that only reads) leaves
+    even a torn last line alone.
     """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
@@ -420,9 +423,12 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None):
         from orchestrator import journal
 
         path = Path(url[len("journal:"):]).expanduser().resolve()
+        if not writable:
+            journal.check(path, mend=False)  # damage is refused; nothing is written
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
         path.parent.mkdir(parents=True, exist_ok=True)
         journal.check(path)  # a torn last record is cut away; other damage is refused, untouched
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return JournalStorage(journal.backend(path))
     heartbeat = heartbeat or Heartbeat()
     engine = {"pool_pre_ping": True}
     if url.startswith("sqlite:"):

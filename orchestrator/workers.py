@@ -57,6 +57,7 @@ class Job:
     parent_run_id: str
     deadline: float | None
     checkpoint_dir: str  # the root of the checkpoint store (orchestrator.checkpoints)
+    parent_pid: int  # the coordinator: a worker stops when it is gone
 
 
 # ---- one trial ---------------------------------------------------------------------------------
@@ -99,9 +100,6 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     if retry_of is not None:
         tags[RETRY_ATTR] = str(retry_of)
     folder = checkpoints.folder(job.checkpoint_dir, job.study.name, lineage)
-    resume_at = checkpoints.resume_epoch(folder / checkpoints.LAST) if retry_of is not None else None
-    if resume_at is not None:
-        tags["orch.resumed_at_epoch"] = str(resume_at)
     run_id = runner.start_run(mlf, job.study.name, run_name=f"trial-{trial.number}",
                               parent_run_id=job.parent_run_id, tags=tags)
     trial.set_user_attr(RUN_ATTR, run_id)
@@ -109,15 +107,23 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     try:
         params = suggest(trial, section, job.study.data)
         spec = job.study.spec_for(params)
+        key = checkpoints.fingerprint(ostudy._study_id, lineage, params)
+        resume_at = None
+        if retry_of is None:
+            checkpoints.remove(folder)  # a new line: nothing of another study's trial of this number
+        else:
+            resume_at = checkpoints.resume_epoch(folder, key)
         if resume_at is not None:
-            _carry_over(ostudy, trial, mlf, run_id, retry_of, resume_at)
+            mlf.set_tag(run_id, "orch.resumed_at_epoch", str(resume_at))
+            _carry_over(ostudy, trial, mlf, run_id, resume_at)
         overrides = {"accelerator": "gpu", "devices": 1} if slot.gpu is not None else {"accelerator": "cpu"}
         overrides["enable_progress_bar"] = False
         mode = "min" if section.direction == "minimize" else "max"
         result = runner.tracked_fit(spec, mlf, run_id,
                                     callbacks=[pruning_callback(trial, section.metric), stopping.callback()],
                                     checkpoint=(section.metric, mode) if section.checkpoint else None,
-                                    ckpt_dir=folder, resume=folder / checkpoints.LAST if resume_at else None,
+                                    ckpt_dir=folder, ckpt_key=key,
+                                    resume=folder / checkpoints.LAST if resume_at else None,
                                     **overrides)
         value = result.metrics.get(section.metric)
         if value is None:
@@ -138,11 +144,12 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
                       f"interrupted ({signal.Signals(stopping.requested() or signal.SIGINT).name}) while running; "
                       "it is retried with the same parameters, from its last checkpoint")
             attrs = {ERROR_ATTR: redact(reason)[:2000], INTERRUPTED_ATTR: True}
+            state = "interrupted"
             try:
                 state = _conclude(ostudy, trial, mlf, run_id, "interrupted", error=reason, attrs=attrs)
             except Exception as again:  # noqa: BLE001 - the store itself is full or read-only:
-                if not (fatal and resource_fault(again)):  # the trial stays RUNNING, and the next
-                    raise  # run finds it lost, in Optuna and MLflow alike
+                if not resource_fault(again):  # the trial stays RUNNING, and the next run finds
+                    raise  # it lost, in Optuna and MLflow alike
             if fatal:
                 raise ResourceFault(fatal) from exc
             return state
@@ -158,17 +165,26 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     return state
 
 
-def _carry_over(ostudy, trial, mlf, run_id: str, retry_of: int, resume_at: int) -> None:
-    """Give a resumed trial the epochs it does not run again: MLflow metrics and Optuna reports."""
+def _carry_over(ostudy, trial, mlf, run_id: str, resume_at: int) -> None:
+    """Give a resumed trial the epochs it does not run again, from the earlier tries of its line
+    (newest first, so that a try that died before copying its own history is made up for): their
+    MLflow metrics and their reports to Optuna."""
     from orchestrator import checkpoints
 
-    previous = ostudy._storage.get_trial(ostudy._storage.get_trial_id_from_study_id_trial_number(
-        ostudy._study_id, retry_of))
-    if previous.user_attrs.get(RUN_ATTR):
-        checkpoints.copy_history(mlf, previous.user_attrs[RUN_ATTR], run_id, resume_at)
-    for step, value in sorted(previous.intermediate_values.items()):
-        if step < resume_at:
-            trial.report(value, step)
+    tries, number = [], trial.user_attrs.get(RETRY_ATTR)
+    while number is not None:
+        earlier = ostudy._storage.get_trial(ostudy._storage.get_trial_id_from_study_id_trial_number(
+            ostudy._study_id, number))
+        tries.append(earlier)
+        number = earlier.user_attrs.get(RETRY_ATTR)
+    checkpoints.copy_history(mlf, [t.user_attrs[RUN_ATTR] for t in tries if t.user_attrs.get(RUN_ATTR)], run_id,
+                             resume_at)
+    reports: dict[int, float] = {}
+    for t in tries:
+        for step, value in t.intermediate_values.items():
+            reports.setdefault(step, value)
+    for step in sorted(s for s in reports if s < resume_at):
+        trial.report(reports[step], step)
 
 
 class ResourceFault(RuntimeError):
@@ -252,7 +268,7 @@ def worker_main(job: Job, slot: Slot) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
     from orchestrator import stopping
 
-    stopping.install_worker_handlers()
+    stopping.install_worker_handlers(job.parent_pid)
     # pin the device before anything can initialise CUDA; slot.gpu indexes the GPUs the
     # coordinator could see, which may themselves be a CUDA_VISIBLE_DEVICES selection
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
