@@ -22,12 +22,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def preflight(spec, file: str) -> None:
-    """Missing data or a module that does not fit its dataset: exit 2 before anything is written."""
+def preflight(spec, file: str, study=None) -> None:
+    """Missing data, a module that does not fit its dataset, a plugin that breaks its contract
+    (of the run, or any a ``study``'s space chooses): exit 2 before anything is written."""
     from orchestrator import runner
 
+    also = {}
+    if study is not None:
+        for section, kind in (("cell", "cells"), ("module", "modules")):
+            param = study.section.space.get(f"{section}.plugin")
+            also[kind] = set(getattr(param, "choices", ()) or ())
     try:
-        runner.preflight(spec)
+        runner.preflight(spec, also)
     except Exception as exc:  # noqa: BLE001 - a dataset plugin's own error says what is wrong
         fail(f"{file}: {type(exc).__name__}: {exc}")
 
@@ -46,6 +52,64 @@ def main() -> None:
 @main.group()
 def plugins() -> None:
     """Installed cell, dataset and module plugins."""
+
+
+@plugins.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_check(names: tuple[str, ...], as_json: bool) -> None:
+    """Run the contract checks of NAMES (default: every installed plugin) on tiny inputs.
+
+    Exit 1 if any plugin fails a check or does not load; a dataset whose data is not on this
+    machine is reported as such.
+    """
+    from orchestrator import checks, registry
+
+    found = registry.discover_all()
+    if names:
+        unknown = [n for n in names if n not in {p.name for p in found}]
+        if unknown:
+            fail(f"no plugin named {', '.join(map(repr, unknown))}; installed: "
+                 f"{', '.join(sorted({p.name for p in found}))}")
+        found = [p for p in found if p.name in names]
+    verdicts = [checks.check(info) for info in found]
+    if as_json:
+        click.echo(json.dumps([v.as_dict() for v in verdicts], indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("kind", "name", "distribution", "version", "check")
+        colour = {"ok": "green", "failed": "red", "broken": "red", "no data": "yellow"}
+        for v in verdicts:
+            text = f"[{colour[v.status]}]{v.status}[/{colour[v.status]}]"
+            if v.rule:
+                text += f" [{v.rule}] {v.detail}\nfix: {v.fix}"
+            elif v.detail:  # no data: the dataset's own message, shortened (--json has it whole)
+                text += f": {v.detail if len(v.detail) < 120 else v.detail[:117] + '...'}"
+            table.add_row(v.kind[:-1], v.name, v.distribution, v.version, text)
+        Console().print(table)
+    if any(v.status in ("failed", "broken") for v in verdicts):
+        sys.exit(1)
+
+
+@plugins.command("new")
+@click.argument("kind", type=click.Choice(["cell", "dataset", "module"]))
+@click.argument("name")
+@click.option("--dir", "folder", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the package folder orch-NAME.")
+def plugins_new(kind: str, name: str, folder: str) -> None:
+    """Write an installable plugin package orch-NAME: entry point, a working KIND, tests that run
+    orch's contract kit, a study file and a README."""
+    from orchestrator.scaffold import new_plugin
+
+    try:
+        root = new_plugin(kind, name, folder)
+    except (ValueError, FileExistsError) as exc:
+        fail(str(exc))
+    click.echo(f"wrote {root}: pip install -e {root}[test] && pytest {root}/tests && "
+               f"orch plugins check {name} && orch study run {root}/studies/{name}.yaml", err=True)
+    click.echo(str(root))
 
 
 @plugins.command("list")
@@ -169,7 +233,7 @@ def _load(file: str, overrides=()):
         spec = load_study(file, overrides)
     except SpecError as exc:
         fail(str(exc))
-    preflight(spec.base, file)
+    preflight(spec.base, file, spec)
     return spec
 
 
@@ -284,7 +348,7 @@ def study_worker(target, storage, timeout, workers_n, devices, trials_per_device
             spec = record.stored_study(storage, target)
         except SpecError as exc:
             fail(str(exc))
-        preflight(spec.base, target)
+        preflight(spec.base, target, spec)
     _run(spec, create=False, timeout=timeout, workers_n=workers_n, devices=_devices(devices),
          trials_per_device=trials_per_device, storage_url=storage, tracking_uri=tracking_uri)
 
@@ -389,7 +453,7 @@ def study_show(target: str, storage: str | None, as_json: bool) -> None:
 
     console = Console()
     console.print(f"study {ostudy.study_name} ({ostudy.direction.name.lower()}): {counts_of(trials)}")
-    console.print(trials_table(trials))
+    console.print(trials_table(trials, reasons=None))
 
 
 @study.command("best")

@@ -92,6 +92,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     section = study.section
     timeout = timeout if timeout is not None else section.timeout
     storage_url = storage_url or section.storage or default_storage_url(study.name)
+    claims.claim_lock(storage_url, study.name)  # a storage with no lock for the shared budget is refused here
     checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
     probes.probe(checkpoint_dir, "the checkpoint store (study.checkpoint_dir)")  # before anything is written
     if create:
@@ -265,7 +266,8 @@ class _Display:
         self.live.update(Group(line, trials_table(trials[-15:])))
 
 
-def trials_table(trials):
+def trials_table(trials, reasons: int | None = 60):
+    """The trials as a rich table; ``reasons``: characters of a failure's reason to show (``None``: all)."""
     from rich.table import Table
 
     table = Table("trial", "state", "value", "params", "duration")
@@ -273,8 +275,8 @@ def trials_table(trials):
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        reason = t.user_attrs.get(claims.ERROR_ATTR)
-        table.add_row(str(t.number), t.state.name.lower() + (f" ({reason[:60]})" if reason else ""),
+        reason = t.user_attrs.get(claims.ERROR_ATTR) if t.state.name in ("FAIL", "PRUNED") else None
+        table.add_row(str(t.number), t.state.name.lower() + (f" ({reason[:reasons]})" if reason else ""),
                       _fmt(t.value) if t.value is not None else "-", params,
                       f"{duration:.1f}s" if duration is not None else "-")
     return table

@@ -20,8 +20,9 @@ PROBE_BYTES = 1 << 20
 
 
 def probe(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and write, sync and remove a probe file in it."""
-    folder = Path(folder)
+    """Write, sync and remove a probe file in ``folder``; folders it had to create are removed too."""
+    folder = Path(folder).resolve()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     path = folder / f".orch-probe-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,9 @@ def probe(folder: Path, what: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+        for made in created:  # deepest first: what a run writes there it creates itself
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def probe_stores(storage_url: str, tracking_uri: str | None) -> None:

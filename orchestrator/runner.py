@@ -60,12 +60,18 @@ def _data(spec: RunSpec):
     return classes, plugins, datamodule, info
 
 
-def preflight(spec: RunSpec) -> None:
-    """Check, before anything is written, that the data is there and the module fits the dataset.
+def preflight(spec: RunSpec, also: dict[str, set[str]] | None = None) -> None:
+    """Check, before anything is written, that the data is there, the module fits the dataset, and
+    the plugins keep their contracts (the quick checks of :mod:`orchestrator.checks`; ``also``:
+    more plugins by kind, such as the cells a study's space chooses from).
 
-    Raises :class:`IncompatibleError`, or the dataset's own error (missing or corrupt files, ...).
+    Raises :class:`IncompatibleError`, a :class:`~orchestrator.testing.ContractError`, or the
+    dataset's own error (missing or corrupt files, ...).
     """
-    _data(spec)
+    from orchestrator import checks
+
+    _, _, datamodule, _ = _data(spec)
+    checks.refuse_broken(spec, datamodule, also or {})
 
 
 def build(spec: RunSpec) -> Built:

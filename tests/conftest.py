@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# the plugin checks' cache of this test session (orchestrator.checks), not the user's
+os.environ.setdefault("ORCH_CACHE_DIR", tempfile.mkdtemp(prefix="orch-test-cache-"))
 NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 
 
@@ -80,7 +83,7 @@ flaky = flaky_module:Flaky
 FLAKY_SRC = """
 import os
 import time
-from plugins.modules import StepClassification
+from orch_plugins.modules import StepClassification
 
 class Flaky(StepClassification):
     '''Trains like step_classification, or raises, or produces a NaN loss, or hangs (0.2 s a

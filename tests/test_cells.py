@@ -7,7 +7,7 @@ import torch
 
 from orchestrator import registry
 from orchestrator.testing.cells import check_cell
-from plugins.cells import DIYLSTMCell, LSTMCell
+from orch_plugins.cells import DIYLSTMCell, LSTMCell
 
 CELLS = ["rnn", "lstm", "diy_lstm"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.datasets.echo import Echo
-from plugins.datasets.ptb import PTB, PTB_SHA256, DataError
-from plugins.datasets.sum_game import SYMBOLS, SumGame, all_sequences, decode, encode, running_sum
+from orch_plugins.datasets.echo import Echo
+from orch_plugins.datasets.ptb import PTB, PTB_SHA256, DataError
+from orch_plugins.datasets.sum_game import SYMBOLS, SumGame, all_sequences, decode, encode, running_sum
 
 from conftest import NAMES, shared_ptb_dir, write_corpus
 

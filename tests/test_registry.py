@@ -95,7 +95,7 @@ def test_plugins_list_json_in_a_real_process(fake_dist):
     assert by_name[("cells", "missing")]["status"] == "broken"
     assert by_name[("cells", "missing")]["distribution"] == "thirdparty-cells"
     assert by_name[("modules", "language_model")] == {
-        "kind": "modules", "name": "language_model", "entry_point": "plugins.modules:LanguageModel",
+        "kind": "modules", "name": "language_model", "entry_point": "orch_plugins.modules:LanguageModel",
         "distribution": "orch", "version": by_name[("modules", "language_model")]["version"],
         "status": "ok", "error": None}
     # the table form shows the broken plugin too

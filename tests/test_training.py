@@ -16,10 +16,10 @@ from orchestrator.cli import main
 from orchestrator.config import load_spec
 from orchestrator.contracts.module import CellSpec
 from orchestrator.testing.reference import plain_tbptt
-from plugins.cells import LSTMCell
-from plugins.datasets.echo import Echo
-from plugins.datasets.ptb import PTB
-from plugins.modules import LanguageModel, StepClassification
+from orch_plugins.cells import LSTMCell
+from orch_plugins.datasets.echo import Echo
+from orch_plugins.datasets.ptb import PTB
+from orch_plugins.modules import LanguageModel, StepClassification
 
 
 def write_yaml(path, data):

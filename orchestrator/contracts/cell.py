@@ -7,11 +7,15 @@ section plus the ``input_size`` its module chooses::
 
 Minimal example (a third-party package would register it under ``[project.entry-points."orch.cells"]``)::
 
+    from orchestrator.contracts.settings import Count, Probability
+
     class GRU(Cell):
-        def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
+        def __init__(self, input_size: int, hidden_size: Count, num_layers: Count = 1,
+                     dropout: Probability = 0.0):
             super().__init__(input_size, hidden_size, num_layers, dropout)
+            # torch applies dropout between layers only: a single layer takes none
             self.rnn = torch.nn.GRU(input_size, hidden_size, num_layers,
-                                    dropout=dropout, batch_first=True)
+                                    dropout=dropout if num_layers > 1 else 0.0, batch_first=True)
 
         def init_state(self, batch_size, device=None):
             return (torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device),)
@@ -19,6 +23,9 @@ Minimal example (a third-party package would register it under ``[project.entry-
         def forward(self, x, state):
             out, h = self.rnn(x, state[0])
             return out, (h,)
+
+Check it in your tests with ``orchestrator.testing.check_cell(GRU)``; ``docs/plugins.md`` has the
+lifecycle, the settings and the publishing steps.
 """
 
 from __future__ import annotations
@@ -89,7 +96,9 @@ class Cell(nn.Module):
         raise NotImplementedError
 
     def reset_parameters(self, init_scale: float | None = None) -> None:
-        """Re-initialise all weights: uniform in ``±init_scale`` when given, else the cell's default.
+        """Re-initialise all weights: uniform in ``±init_scale`` when given, else the cell's default
+        (here: each child module's own ``reset_parameters``, as torch initialises ``nn.GRU``,
+        ``nn.Linear``, ...; a cell with parameters of its own overrides this).
 
         Cells with parameters that carry meaning (for example a forget-gate bias) re-apply it
         here, so a module may re-initialise a cell without losing it.
@@ -97,3 +106,7 @@ class Cell(nn.Module):
         if init_scale is not None:
             for p in self.parameters():
                 nn.init.uniform_(p, -init_scale, init_scale)
+            return
+        for child in self.children():
+            if hasattr(child, "reset_parameters"):
+                child.reset_parameters()

@@ -25,6 +25,11 @@ import torch
 from torch.utils.data import Dataset
 
 TASKS = ("language_model", "step_regression", "step_classification")
+
+
+class DataUnavailable(RuntimeError):
+    """Raised by a dataset whose data is not on this machine (missing files, no download): orch then
+    reports the plugin as needing data instead of broken."""
 LAYOUTS = ("stream", "sequences")
 
 

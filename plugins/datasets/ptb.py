@@ -30,7 +30,7 @@ import platformdirs
 import torch
 from torch.utils.data import DataLoader
 
-from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule, StreamWindows
+from orchestrator.contracts.dataset import DataUnavailable, DatasetInfo, SequenceDataModule, StreamWindows
 from orchestrator.contracts.settings import Count
 
 SPLITS = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
@@ -52,7 +52,7 @@ _POINT = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(DataUnavailable):
     """A data file is missing, corrupt or could not be downloaded."""
 
 

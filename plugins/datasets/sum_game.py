@@ -109,6 +109,9 @@ class SumGame(SequenceDataModule):
             carried across them); ``None``: whole sequences.
     """
 
+    #: small settings for ``orch plugins check`` (orchestrator.checks)
+    quick_check_settings = {"length": 4, "long_lengths": [8], "long_count": 20}
+
     def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: int = 0, batch_size: Count = 32,
                  long_lengths: tuple[int, ...] | list[int] = (50, 100), long_count: Index = 500,
                  bptt: Count | None = None):
