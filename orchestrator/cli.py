@@ -136,23 +136,53 @@ def plugins_list(as_json: bool) -> None:
 SET_HELP = "Override a setting, e.g. --set cell.hidden_size=200 (repeatable)."
 
 
+STORAGE_HELP = ("Optuna storage URL, e.g. postgresql://user:pass@host/db (default: $ORCH_STORAGE, else the "
+                "file's study.storage, else a journal file under mlruns/optuna/).")
+
+
+def _storage_option(f):
+    return click.option("--storage", default=None, envvar="ORCH_STORAGE", show_envvar=False, help=STORAGE_HELP)(f)
+
+
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in ./mlruns).")
-@click.option("--experiment", default=None, help="MLflow experiment (default: the file's name).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in ./mlruns, or the "
+              "study's with --from-study).")
+@click.option("--experiment", default=None, help="MLflow experiment (default: the file's name, or the study's).")
 @click.option("--test/--no-test", default=False, help="Also evaluate on the test split at the end.")
-def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, experiment: str | None,
-          test: bool) -> None:
-    """Train FILE's fixed settings once (a study section is ignored) and log it to MLflow."""
+@click.option("--from-study", "from_study", default=None, metavar="NAME",
+              help="Instead of FILE: the exact settings of a trial of study NAME (its best by default).")
+@click.option("--trial", "trial_number", type=int, default=None, help="With --from-study: the trial's number.")
+@_storage_option
+def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None, experiment: str | None,
+          test: bool, from_study: str | None, trial_number: int | None, storage: str | None) -> None:
+    """Train FILE's fixed settings once (a study section is ignored) and log it to MLflow.
+
+    With --from-study NAME [--trial N], retrain a study's trial (its best by default) with the
+    exact settings it ran with, as stored with the study, in the study's MLflow experiment.
+    """
     from pathlib import Path
 
     from orchestrator.config import SpecError, load_spec
 
-    try:
-        spec, _ = load_spec(file, overrides)
-    except SpecError as exc:
-        fail(str(exc))
+    tags = {"orch.command": "train"}
+    run_name = None
+    if from_study:
+        if file:
+            fail("give a FILE or --from-study NAME, not both")
+        spec, file, tags, run_name, uri_default = _from_study(from_study, trial_number, storage, overrides)
+        experiment = experiment or spec.name
+        tracking_uri = tracking_uri or uri_default
+    elif not file:
+        fail("give a run FILE, or --from-study NAME to retrain a study's trial")
+    else:
+        if trial_number is not None:
+            fail("--trial goes with --from-study NAME")
+        try:
+            spec, _ = load_spec(file, overrides)
+        except SpecError as exc:
+            fail(str(exc))
     preflight(spec, file)
     from orchestrator import runner, tracking
     from orchestrator.contracts.module import NonFiniteLossError
@@ -163,7 +193,7 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
     click.echo(f"training {spec.cell.plugin} / {spec.module.plugin} on {spec.dataset.plugin}; "
                f"MLflow: {redact_url(uri)} experiment {name!r}", err=True)
     mlf = tracking.client(uri)
-    run_id = runner.start_run(mlf, name, tags={"orch.command": "train"})
+    run_id = runner.start_run(mlf, name, run_name=run_name, tags=tags)
     try:
         result = runner.tracked_fit(spec, mlf, run_id, test=test)
     except BaseException as exc:
@@ -184,6 +214,51 @@ def train(file: str, overrides: tuple[str, ...], tracking_uri: str | None, exper
     click.echo(json.dumps({"run_id": run_id, **result.metrics}, indent=2))
 
 
+def _from_study(name: str, number: int | None, storage: str | None, overrides: tuple[str, ...]):
+    """The run spec, label, tags, run name and tracking URI that retrain trial ``number`` of study ``name``."""
+    from orchestrator import record
+    from orchestrator.config import SpecError
+    from orchestrator.study import default_storage_url
+
+    url = storage or default_storage_url(name)
+    try:
+        ostudy = record.load(url, name)
+        study = record.stored_study(url, name)
+    except SpecError as exc:
+        fail(str(exc))
+    trials = ostudy.get_trials(deepcopy=False)
+    if number is None:
+        try:
+            trial = ostudy.best_trial
+        except ValueError:
+            fail(f"study {name!r} has no complete trial yet; pick one with --trial N", code=1)
+    else:
+        found = [t for t in trials if t.number == number]
+        if not found:
+            fail(f"study {name!r} has no trial {number} (trials 0 to {len(trials) - 1})")
+        trial = found[0]
+        if trial.state.name in ("RUNNING", "WAITING") or (not trial.params and study.section.space):
+            fail(f"trial {number} of study {name!r} is {trial.state.name.lower()} and has no settings yet")
+    searched = {o.split("=", 1)[0].strip() for o in overrides} & set(trial.params)
+    if searched:
+        fail(f"--set {', '.join(sorted(searched))}: searched by the study; trial {trial.number} ran with "
+             f"{', '.join(f'{k}={trial.params[k]}' for k in sorted(searched))}")
+    from orchestrator.config import apply_overrides, check_trainer, override_keys
+    from orchestrator.study import study_from
+
+    try:
+        if overrides:
+            study = study_from(apply_overrides(study.data, overrides), study.src)
+            study.src.overridden = override_keys(overrides)
+        spec = study.spec_for(trial.params)
+        check_trainer(spec.trainer, study.src)  # this machine: can it run the trial's accelerator?
+    except SpecError as exc:
+        fail(str(exc))
+    tags = {"orch.command": "train", "orch.role": "retrain", "orch.study": name, "orch.trial": str(trial.number)}
+    return (spec, f"study {name} trial {trial.number}", tags, f"retrain trial-{trial.number}",
+            ostudy.user_attrs.get(record.TRACKING_ATTR))
+
+
 # ---- study -------------------------------------------------------------------------------
 @main.group()
 def study() -> None:
@@ -199,13 +274,7 @@ def _devices(value: str | None) -> list[int] | None:
         fail(f"--devices {value!r}: expected GPU ids such as 0,2")
 
 
-STORAGE_HELP = ("Optuna storage URL, e.g. postgresql://user:pass@host/db (default: $ORCH_STORAGE, else the "
-                "file's study.storage, else a journal file under mlruns/optuna/).")
 TRACKING_HELP = "MLflow tracking URI, e.g. http://host:5000 (default: SQLite in ./mlruns)."
-
-
-def _storage_option(f):
-    return click.option("--storage", default=None, envvar="ORCH_STORAGE", show_envvar=False, help=STORAGE_HELP)(f)
 
 
 def _slot_options(f):
@@ -451,9 +520,66 @@ def study_show(target: str, storage: str | None, as_json: bool) -> None:
         return
     from rich.console import Console
 
+    from orchestrator import record
+    from orchestrator.coordinator import max_epochs
+
+    url = _locate(target, storage)[1]
+    try:
+        stored = record.stored_study(url, ostudy.study_name)
+    except Exception:  # noqa: BLE001 - a study that orch did not create: no file stored with it
+        stored = None
     console = Console()
-    console.print(f"study {ostudy.study_name} ({ostudy.direction.name.lower()}): {counts_of(trials)}")
-    console.print(trials_table(trials, reasons=None))
+    console.print(_header(ostudy, url, trials, stored))
+    console.print(trials_table(trials, reasons=None, max_epochs=max_epochs(stored) if stored else None))
+
+
+def _header(ostudy, url: str, trials, stored):
+    """The study at a glance (:func:`orchestrator.report.summary`) as a two-column grid."""
+    from rich.table import Table
+
+    from orchestrator.report import summary
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, text in summary(ostudy, url, stored, trials):
+        grid.add_row(key, text)
+    return grid
+
+
+@study.command("report")
+@click.argument("target", metavar="FILE|NAME")
+@_storage_option
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write NAME-report.html into.")
+def study_report(target: str, storage: str | None, out_dir: str) -> None:
+    """One self-contained HTML page comparing the study's trials: summary, best trial and how to
+    retrain it, trials table, learning curves, optimisation history, parallel coordinates and
+    parameter importances. It opens from the file, with no server; prints its path."""
+    from pathlib import Path
+
+    from orchestrator import record, report
+    from orchestrator.study import default_storage_url
+
+    ostudy = _open(target, storage)
+    name, url = ostudy.study_name, _locate(target, storage)[1]
+    try:
+        stored = record.stored_study(url, name)
+    except Exception:  # noqa: BLE001 - a study that orch did not create: no file stored with it
+        stored = None
+    try:
+        number = ostudy.best_trial.number
+    except ValueError:
+        number = None
+    retrain = report.retrain_command(name, number, None if url == default_storage_url(name) else url) \
+        if number is not None else None
+    path = Path(out_dir) / f"{name}-report.html"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.page(ostudy, url, stored, retrain), encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write the report to {path}: {exc.strerror or exc}", code=1)
+    click.echo(str(path.resolve()))
 
 
 @study.command("best")
@@ -468,38 +594,114 @@ def study_best(target: str, storage: str | None) -> None:
         best = ostudy.best_trial
     except ValueError:
         fail(f"study {ostudy.study_name!r} has no complete trial yet", code=1)
+    from orchestrator.report import retrain_command
+
+    command = retrain_command(ostudy.study_name, best.number, storage)
     click.echo(json.dumps({"study": ostudy.study_name, "trial": best.number, "value": best.value,
-                           "params": best.params, "mlflow_run_id": best.user_attrs.get(RUN_ATTR)},
-                          indent=2))
+                           "params": best.params, "mlflow_run_id": best.user_attrs.get(RUN_ATTR),
+                           "retrain": command}, indent=2))
+    click.echo(f"retrain and test it: {command}", err=True)
+
 
 
 # ---- ui -----------------------------------------------------------------------------------
 @main.command()
+@click.argument("target", metavar="[STUDY]", required=False)
 @click.option("--tracking-uri", default=None, help="Store to browse (default: SQLite in ./mlruns).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port; the URL printed says which).")
-def ui(tracking_uri: str | None, host: str, port: int) -> None:
-    """Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told otherwise)."""
-    import os
+@click.option("--open", "open_browser", is_flag=True, help="Open the link in a web browser.")
+def ui(target: str | None, tracking_uri: str | None, host: str, port: int, open_browser: bool) -> None:
+    """Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told otherwise).
+
+    With STUDY (a name or a study file), also print the link to its trial runs: sorted by the
+    study's metric, with the metric, the searched parameters and each trial's state as columns.
+    """
+    import subprocess
+    import time
+    import urllib.request
     from pathlib import Path
 
+    from orchestrator.secrets import redact_url
     from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    experiment = _ui_experiment(target, uri) if target else None
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
-        from orchestrator.secrets import redact_url
+        base = redact_url(uri)
+        click.echo(f"MLflow UI of the tracking server: {base}", err=True)
+        link = _ui_link(base, target, experiment)
+        click.echo(link)
+        if open_browser:
+            import webbrowser
 
-        click.echo(f"MLflow UI of the tracking server: {redact_url(uri)}", err=True)
-        click.echo(redact_url(uri))
+            webbrowser.open(link)
         return
     port = _free_port(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
         cmd += ["--default-artifact-root", artifacts.resolve().as_uri()]
-    click.echo(f"MLflow UI on http://{host}:{port}", err=True)
-    os.execv(sys.executable, cmd)
+    base = f"http://{host}:{port}"
+    click.echo(f"MLflow UI on {base}", err=True)
+    server = subprocess.Popen(cmd, stdout=sys.stderr)  # stdout holds only the link: scripts read it
+    try:
+        link = _ui_link(base, target, experiment)
+        if target:
+            click.echo(link)
+        if open_browser:
+            deadline = time.time() + 120
+            while time.time() < deadline and server.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            import webbrowser
+
+            webbrowser.open(link)
+        sys.exit(server.wait())
+    except KeyboardInterrupt:
+        server.terminate()
+        sys.exit(128 + signal.SIGINT)
+
+
+def _ui_experiment(target: str, uri: str) -> str:
+    """The MLflow experiment id of study ``target`` (a name or a study file) in the store ``uri``."""
+    from orchestrator import tracking
+    from orchestrator.secrets import redact_url
+
+    from orchestrator.views import VIEW_KEY, VIEW_TAG_PREFIX, save_study_view
+
+    name, spec = target, None
+    if target.endswith((".yaml", ".yml")):
+        from orchestrator.config import SpecError
+        from orchestrator.study import load_study
+
+        try:
+            spec = load_study(target)
+        except SpecError as exc:
+            fail(str(exc))
+        name = spec.name
+    mlf = tracking.client(uri)
+    exp = mlf.get_experiment_by_name(name)
+    if exp is None:
+        known = ", ".join(sorted(e.name for e in mlf.search_experiments() if e.name != "Default")) or "none"
+        fail(f"no study {name!r} in the MLflow store {redact_url(uri)}; its studies: {known}")
+    if spec is not None and VIEW_TAG_PREFIX + VIEW_KEY not in exp.tags:  # a study of an older orch
+        save_study_view(mlf, exp.experiment_id, spec)
+    return exp.experiment_id
+
+
+def _ui_link(base: str, target: str | None, experiment: str | None) -> str:
+    from orchestrator.views import study_url
+
+    if experiment is None:
+        return base
+    link = study_url(base, experiment)
+    click.echo(f"study {target}: {link}", err=True)
+    return link
 
 
 def _free_port(host: str, port: int) -> int:

@@ -194,12 +194,11 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
                 trials = ostudy.get_trials(deepcopy=False)
                 best, _ = best_of(ostudy)
                 line = _progress(job.study.name, counts_of(trials), budget, best, job.study.section.metric)
-                if line != last:
-                    if live:
-                        display.update(line, trials)
-                    else:
-                        echo(line)
-                    last = line
+                if live:  # every round: running trials move on from epoch to epoch
+                    display.update(line, trials, max_epochs(job.study))
+                elif line != last:
+                    echo(line)
+                last = line
                 time.sleep(0.5)
     except (stopping.Stopped, ResourceStop) as exc:
         stopping.ignore()  # a second signal must not cut the clean-up short
@@ -222,6 +221,11 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
                 raise
         raise
     return ran
+
+
+def max_epochs(study: Study) -> int | None:
+    value = study.base.trainer.get("max_epochs")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _stop_workers(procs, signum: int) -> None:
@@ -260,25 +264,39 @@ class _Display:
         if self.live:
             self.live.__exit__(*exc)
 
-    def update(self, line: str, trials) -> None:
+    def update(self, line: str, trials, max_epochs: int | None) -> None:
         from rich.console import Group
 
-        self.live.update(Group(line, trials_table(trials[-15:])))
+        self.live.update(Group(line, trials_table(trials[-15:], max_epochs=max_epochs)))
 
 
-def trials_table(trials, reasons: int | None = 60):
-    """The trials as a rich table; ``reasons``: characters of a failure's reason to show (``None``: all)."""
+def trials_table(trials, reasons: int | None = 60, max_epochs: int | None = None):
+    """The trials as a rich table; ``reasons``: characters of a failure's reason to show (``None``:
+    all); ``max_epochs``: the study's epochs per trial, for the ETA of running trials."""
+    from datetime import datetime
+
     from rich.table import Table
 
-    table = Table("trial", "state", "value", "params", "duration")
+    table = Table("trial", "state", "value", "epoch", "latest", "params", "duration", "ETA")
+    now = datetime.now()
     for t in trials:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
             t.datetime_start else None
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         reason = t.user_attrs.get(claims.ERROR_ATTR) if t.state.name in ("FAIL", "PRUNED") else None
+        epochs = max(t.intermediate_values) + 1 if t.intermediate_values else 0
+        latest = t.intermediate_values[epochs - 1] if epochs and epochs - 1 in t.intermediate_values else None
+        total = int(t.params.get("trainer.max_epochs", max_epochs or 0)) or None
+        eta = "-"
+        if t.state.name == "RUNNING" and t.datetime_start:
+            duration = (now - t.datetime_start).total_seconds()
+            done = epochs - int(t.user_attrs.get("orch.resumed_at_epoch", 0))  # epochs this attempt ran
+            if total and done > 0:
+                eta = f"{duration / done * max(total - epochs, 0):.0f}s"
         table.add_row(str(t.number), t.state.name.lower() + (f" ({reason[:reasons]})" if reason else ""),
-                      _fmt(t.value) if t.value is not None else "-", params,
-                      f"{duration:.1f}s" if duration is not None else "-")
+                      _fmt(t.value) if t.value is not None else "-",
+                      f"{epochs}/{total}" if total else str(epochs), _fmt(latest) if latest is not None else "-",
+                      params, f"{duration:.1f}s" if duration is not None else "-", eta)
     return table
 
 
@@ -305,7 +323,7 @@ def _finish(study: Study, ostudy, mlf, joined, ran: set[str] = frozenset()) -> O
         for k, v in best_params.items():
             mlf.set_tag(parent_id, f"best.{k}", str(v))
     if not (counts["running"] or counts["waiting"]):
-        _log_plots(ostudy, mlf, parent_id)
+        _report(study, ostudy, mlf, joined)
         # under the lock: no process joins (and reopens the parent run) between the check and the end
         with claims.claim_lock(joined.storage_url, study.name):
             if not any(t.state.name in ("RUNNING", "WAITING") for t in ostudy.get_trials(deepcopy=False)):
@@ -320,31 +338,16 @@ def _finish(study: Study, ostudy, mlf, joined, ran: set[str] = frozenset()) -> O
     return Outcome(study.name, counts, best_value, best_params, parent_id, [t.number for t in mine], failures)
 
 
-def _log_plots(ostudy, mlf, run_id: str) -> None:
-    """Optimisation history, parameter importances and parallel coordinates as PNG artifacts."""
-    import warnings
+def _report(study: Study, ostudy, mlf, joined) -> None:
+    """The comparison figures and the study report on the parent run (:mod:`orchestrator.report`)."""
+    from orchestrator import report
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    complete = [t for t in ostudy.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    plots = {"optimization_history": ovm.plot_optimization_history}
-    if len(complete) >= 2 and any(t.params for t in complete):
-        plots["parallel_coordinate"] = ovm.plot_parallel_coordinate
-        distinct = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
-        if distinct:
-            plots["param_importances"] = ovm.plot_param_importances
-    for name, fn in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(ostudy)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(10, 6)
-            mlf.log_figure(run_id, fig, f"plots/{name}.png")
-            plt.close(fig)
-        except Exception as exc:  # noqa: BLE001 - a plot that cannot be drawn is not worth failing a study
-            mlf.set_tag(run_id, f"plots.{name}.error", f"{type(exc).__name__}: {exc}"[:500])
+    retrain = None
+    try:
+        number = ostudy.best_trial.number
+    except ValueError:
+        number = None
+    if number is not None:
+        default = joined.storage_url == default_storage_url(study.name)
+        retrain = report.retrain_command(study.name, number, None if default else joined.storage_url)
+    report.log_to_run(ostudy, mlf, joined.parent_run_id, joined.storage_url, study, retrain)

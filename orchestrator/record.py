@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import claims, probes, tracking
+from orchestrator import claims, probes, tracking, views
 from orchestrator.config import SpecError
 from orchestrator.secrets import MASK, describe, redact_data, redact_url
 from orchestrator.study import Study, open_storage, study_from
@@ -227,6 +227,8 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
     from orchestrator import runner
 
     exp_id = tracking.experiment_id(mlf, study.name)
+    if create:
+        views.save_study_view(mlf, exp_id, study)
     run_id = attrs.get(PARENT_ATTR)
     if run_id:
         try:

@@ -115,6 +115,10 @@ def make_trainer(spec: RunSpec, *, callbacks=(), logger=None, root_dir: str | No
     args.update(spec.trainer)
     args.update(overrides)
     args["callbacks"] = list(args.get("callbacks") or []) + list(callbacks)
+    if args["enable_progress_bar"] and not any(isinstance(c, pl.callbacks.ProgressBar) for c in args["callbacks"]):
+        from orchestrator.progress import TrainingBar
+
+        args["callbacks"].append(TrainingBar())
     return pl.Trainer(**args)
 
 
@@ -154,9 +158,11 @@ def start_run(mlf, experiment: str, *, run_name: str | None = None, parent_run_i
     return mlf.create_run(tracking.experiment_id(mlf, experiment), run_name=run_name, tags=all_tags).info.run_id
 
 
-#: orch's final state of a run -> MLflow run status. ``interrupted`` (stopped by a signal) and
-#: ``lost`` (its worker died) are retried; the ``orch.state`` tag tells the three KILLED ones apart
-STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "killed": "KILLED",
+#: orch's final state of a run -> MLflow run status. A pruned trial finished what the study asked of
+#: it (its metrics are valid up to the epoch it was pruned at); ``interrupted`` (stopped by a signal)
+#: and ``lost`` (its worker died) are retried. The ``orch.state`` tag, and a ``[state]`` suffix on
+#: the run's name for every state but complete, tell them apart in the MLflow UI at a glance.
+STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED",
           "interrupted": "KILLED", "lost": "KILLED"}
 
 
@@ -173,6 +179,10 @@ def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = No
             mlf.log_text(run_id, text, "traceback.txt")
         mlf.set_tag(run_id, "orch.error" if state == "failed" else "orch.reason", reason[:5000])
     mlf.set_tag(run_id, "orch.state", state)
+    if state != "complete":
+        name = mlf.get_run(run_id).info.run_name
+        if name and not name.endswith("]"):
+            mlf.update_run(run_id, name=f"{name} [{state}]")
     mlf.set_terminated(run_id, STATUS[state])
 
 

@@ -108,8 +108,10 @@ def experiment_id(mlf, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-    try:
-        return mlf.create_experiment(name, artifact_location=location)
+    from orchestrator.views import KIND_TAG, MODEL_TRAINING
+
+    try:  # model training, so that MLflow's UI opens it on its runs, not in its GenAI mode
+        return mlf.create_experiment(name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING})
     except Exception:  # noqa: BLE001 - another process created it first
         exp = mlf.get_experiment_by_name(name)
         if exp is None:

@@ -87,7 +87,7 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     """
     import optuna
 
-    from orchestrator import checkpoints, runner, stopping
+    from orchestrator import checkpoints, runner, stopping, views
     from orchestrator.config import SpecError
     from orchestrator.contracts.module import NonFiniteLossError
     from orchestrator.study import suggest
@@ -106,6 +106,7 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
     trial.set_user_attr("orch.device", slot.device)
     try:
         params = suggest(trial, section, job.study.data)
+        mlf.update_run(run_id, name=views.run_name(trial.number, params))
         spec = job.study.spec_for(params)
         key = checkpoints.fingerprint(ostudy._study_id, lineage, params)
         resume_at = None
@@ -115,6 +116,7 @@ def run_trial(job: Job, ostudy, trial, mlf, slot: Slot, stream: int = 0) -> str:
             resume_at = checkpoints.resume_epoch(folder, key)
         if resume_at is not None:
             mlf.set_tag(run_id, "orch.resumed_at_epoch", str(resume_at))
+            trial.set_user_attr("orch.resumed_at_epoch", resume_at)  # for the live table's ETA
             _carry_over(ostudy, trial, mlf, run_id, resume_at)
         overrides = {"accelerator": "gpu", "devices": 1} if slot.gpu is not None else {"accelerator": "cpu"}
         overrides["enable_progress_bar"] = False

@@ -65,6 +65,9 @@ class LanguageModel(SequenceModule):
     def training_loss(self, loss, x):
         return loss * x.shape[1]
 
+    def reading(self, loss):
+        return {"ppl": math.exp(min(loss, 700.0))}
+
     def summarize(self, acc):
         mean = float(acc["loss_sum"]) / acc["n"]
         return {"loss": mean, "ppl": math.exp(min(mean, 700.0))}
@@ -74,6 +77,7 @@ class _StepModule(SequenceModule):
     """A cell and a linear read-out at every step, for the per-step tasks."""
 
     out_features = 1
+    unit = "step"  # one element: one step of one sequence
 
     def __init__(self, cell: CellSpec, info: DatasetInfo, lr: Positive = 1e-2, optimizer: Optimizer = "adam",
                  **kwargs):

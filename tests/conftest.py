@@ -154,7 +154,7 @@ def runs_of(client, name):
     return parents, children
 
 
-STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "KILLED"), "FAIL": ("failed", "FAILED")}
+STATES = {"COMPLETE": ("complete", "FINISHED"), "PRUNED": ("pruned", "FINISHED"), "FAIL": ("failed", "FAILED")}
 
 
 def expected_state(trial) -> tuple[str, str]:
@@ -180,6 +180,11 @@ def check_agreement(study, parents, children):
     for t in trials:
         run = by_trial[t.number]
         assert (run.data.tags["orch.state"], run.info.status) == expected_state(t), t.number
+        state, name = expected_state(t)[0], run.info.run_name  # names read in a list: number, values, state
+        assert name.startswith(f"trial-{t.number}"), name
+        if t.params:
+            assert all(f"{k.rsplit('.', 1)[-1]}=" in name or str(v) in name for k, v in t.params.items()), name
+        assert name.endswith(f" [{state}]") == (state != "complete"), name
         assert t.user_attrs["orch.mlflow_run_id"] == run.info.run_id
     return by_trial
 

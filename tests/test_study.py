@@ -44,7 +44,12 @@ def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
     assert parents[0].data.tags["best.trial"] == str(study.best_trial.number)
     plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
     assert plots == {"plots/optimization_history.png", "plots/parallel_coordinate.png",
-                     "plots/param_importances.png"}
+                     "plots/param_importances.png", "plots/learning_curves.png"}
+    page = client.download_artifacts(parents[0].info.run_id, "report.html", str(tmp_path))
+    text = open(page, encoding="utf-8").read()
+    for t in study.trials:  # every trial in the report's table, with its value
+        assert f"<td>{t.number}</td><td>complete</td><td>{t.value:.4g}</td>" in text
+    assert text.count('class="plotly-graph-div"') == 4 and "<script src=" not in text  # self-contained
 
     # the same command again: the budget is met, nothing runs
     proc = orch("study", "run", path, "--workers", "2", "--trials", "5", cwd=tmp_path)

@@ -178,6 +178,22 @@ class SequenceModule(pl.LightningModule):
             raise NonFiniteLossError(
                 f"train_loss became {value} in epoch {self.current_epoch} by step {self._train_steps}")
 
+    #: what one training element is, for the throughput the progress bar shows (``tok/s``)
+    unit: ClassVar[str] = "tok"
+
+    def reading(self, loss: float) -> dict[str, float]:
+        """More numbers the progress bar derives from the running mean training loss (e.g. perplexity)."""
+        return {}
+
+    def progress_metrics(self) -> dict[str, str]:
+        """The running mean training loss of the epoch, :meth:`reading` of it, and the throughput."""
+        if not self._train_steps:
+            return {}
+        loss = float(self._train_loss_sum) / self._train_steps
+        elapsed = max(time.perf_counter() - self._epoch_t0 - self._paused, 1e-9)
+        return {"loss": f"{loss:.4g}", **{k: f"{v:.4g}" for k, v in self.reading(loss).items()},
+                f"{self.unit}/s": f"{self._train_elems / elapsed:,.0f}"}
+
     def on_train_epoch_end(self) -> None:
         if not self._train_steps:
             return

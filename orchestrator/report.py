@@ -1,0 +1,238 @@
+"""Comparing a study's trials outside the MLflow UI: the figures on its parent run and a one-page report.
+
+Four figures, each drawn from the Optuna storage alone (so a report needs no tracking server):
+the optimisation history, the learning curves (every trial's study metric per epoch, as it was
+reported to the pruner), parallel coordinates over the searched parameters, and the parameters'
+importances (fANOVA). :func:`log_to_run` puts them on the parent run as PNG files under
+``plots/`` and, interactive, in ``report.html``: the same self-contained page that ``orch study
+report`` writes (summary, best trial and the command that retrains it, trials table, figures),
+which opens from a file, offline, with no server.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestrator import claims
+from orchestrator.secrets import redact_url
+
+#: line styles of the trial states in the learning curves (plotly, matplotlib)
+DASHES = {"complete": ("solid", "-"), "pruned": ("dash", "--"), "failed": ("dot", ":")}
+#: colours of the trial states in the report's table
+COLOURS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728", "interrupted": "#7f7f7f",
+           "lost": "#7f7f7f", "running": "#2ca02c", "waiting": "#bcbd22"}
+
+
+def state_of(trial) -> str:
+    """complete, pruned, failed, interrupted, lost, running or waiting."""
+    state = trial.state.name.lower().replace("fail", "failed")
+    if state == "failed" and trial.user_attrs.get(claims.INTERRUPTED_ATTR):
+        return "interrupted"
+    if state == "failed" and trial.user_attrs.get(claims.LOST_ATTR):
+        return "lost"
+    return state
+
+
+def short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def retrain_command(name: str, number: int, storage: str | None = None) -> str:
+    """The command that retrains trial ``number`` of study ``name`` (``storage``: unless the default) and tests it."""
+    import shlex
+
+    where = f" --storage {shlex.quote(redact_url(storage))}" if storage else ""
+    return f"orch train --from-study {shlex.quote(name)} --trial {number}{where} --test"
+
+
+def summary(ostudy, url: str, stored, trials) -> list[tuple[str, str]]:
+    """The study at a glance: name, storage, metric and direction, budget, sampler, pruner, counts, best."""
+    from orchestrator import record
+    from orchestrator.coordinator import best_of, counts_of
+
+    metric, sampler, pruner = "value", "-", "-"
+    if stored is not None:
+        section = stored.section
+        metric = section.metric
+        sampler = " ".join([section.sampler.type, *(f"{k}={v}" for k, v in section.sampler.options.items())])
+        pruner = " ".join([section.pruner.type, *(f"{k}={v}" for k, v in section.pruner.options.items())])
+    value, params = best_of(ostudy)
+    best = "-"
+    if value is not None:
+        best = (f"trial {ostudy.best_trial.number}: {metric} {value:.6g}"
+                + (f" ({', '.join(f'{k}={short(v)}' for k, v in params.items())})" if params else ""))
+    counts = counts_of(trials)
+    return [("study", ostudy.study_name), ("storage", redact_url(url)),
+            ("metric", f"{metric} ({ostudy.direction.name.lower()})"),
+            ("budget", str(record.budget(ostudy) or "none")), ("sampler", sampler), ("pruner", pruner),
+            ("trials", ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none"), ("best", best)]
+
+
+def _curves(trials):
+    """Each trial's (epochs, values) of the study metric, in trial order, for trials with any."""
+    for t in trials:
+        if t.intermediate_values:
+            epochs = sorted(t.intermediate_values)
+            yield t, epochs, [t.intermediate_values[e] for e in epochs]
+
+
+def _importances(ostudy, complete) -> dict[str, float]:
+    """fANOVA importances of the searched parameters that took more than one value ({} if none)."""
+    import optuna
+
+    varied = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
+    if len(complete) < 2 or not varied:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.importance.get_param_importances(ostudy, params=sorted(varied))
+
+
+# ---- interactive (plotly) -------------------------------------------------------------------------
+def figures(ostudy, metric: str) -> dict[str, Any]:
+    """The study's figures as plotly figures, by name, in reading order."""
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    trials = ostudy.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig = go.Figure()
+        for t, epochs, values in _curves(trials):
+            state = state_of(t)
+            fig.add_trace(go.Scatter(
+                x=epochs, y=values, mode="lines+markers", name=f"trial {t.number} ({state})",
+                line={"dash": DASHES.get(state, ("dashdot", ""))[0]},
+                hovertext=", ".join(f"{k}={short(v)}" for k, v in t.params.items())))
+        fig.update_layout(title=f"Learning curves: {metric} per epoch (solid: complete, dashed: pruned, "
+                                "dotted: failed)", xaxis_title="epoch", yaxis_title=metric)
+        fig.update_xaxes(tickformat="d")
+        out["learning_curves"] = fig
+        if complete:
+            out["optimization_history"] = vis.plot_optimization_history(ostudy, target_name=metric)
+        if len(complete) >= 2 and any(t.params for t in complete):
+            out["parallel_coordinate"] = vis.plot_parallel_coordinate(ostudy, target_name=metric)
+        importances = _importances(ostudy, complete)
+        if importances:
+            names = list(importances)[::-1]
+            out["param_importances"] = go.Figure(go.Bar(x=[importances[n] for n in names], y=names,
+                                                        orientation="h"))
+            out["param_importances"].update_layout(title=f"Parameter importances for {metric} (fANOVA)",
+                                                   xaxis_title="importance")
+    return out
+
+
+# ---- static (matplotlib) --------------------------------------------------------------------------
+def pngs(ostudy, metric: str) -> dict[str, Any]:
+    """The same figures as matplotlib figures (closed by the caller), by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    trials = ostudy.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    out: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for t, epochs, values in _curves(trials):
+        state = state_of(t)
+        ax.plot(epochs, values, marker="o", linestyle=DASHES.get(state, ("", "-."))[1], alpha=0.8,
+                label=f"{t.number} ({state})")
+    ax.set(title=f"Learning curves: {metric} per epoch", xlabel="epoch", ylabel=metric)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if len(ax.lines) <= 20:
+        ax.legend(title="trial", fontsize="small")
+    out["learning_curves"] = fig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plots = {}
+        if complete:
+            plots["optimization_history"] = lambda: ovm.plot_optimization_history(ostudy, target_name=metric)
+        if len(complete) >= 2 and any(t.params for t in complete):
+            plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(ostudy, target_name=metric)
+        for name, draw in plots.items():
+            ax = draw()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(10, 6)
+            out[name] = fig
+        importances = _importances(ostudy, complete)
+        if importances:
+            fig, ax = plt.subplots(figsize=(10, 6))
+            names = list(importances)[::-1]
+            ax.barh(names, [importances[n] for n in names])
+            ax.set(title=f"Parameter importances for {metric} (fANOVA)", xlabel="importance")
+            fig.tight_layout()
+            out["param_importances"] = fig
+    return out
+
+
+# ---- the page -------------------------------------------------------------------------------------
+def page(ostudy, url: str, stored, retrain: str | None = None) -> str:
+    """The study report: one self-contained HTML page (plotly.js inline; no server, no network)."""
+    from plotly.offline import get_plotlyjs
+
+    trials = ostudy.get_trials(deepcopy=False)
+    metric = stored.section.metric if stored is not None else "value"
+    esc = html.escape
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary(ostudy, url, stored, trials))
+    if retrain:
+        rows += f"<tr><th>retrain</th><td><code>{esc(retrain)}</code></td></tr>"
+    keys = sorted({k for t in trials for k in t.params})
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["trial", "state", metric, "epochs", *keys, "duration", "MLflow run"])
+    body = []
+    for t in trials:
+        state = state_of(t)
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+            t.datetime_start else None
+        reason = t.user_attrs.get(claims.ERROR_ATTR) if state in ("failed", "pruned") else None
+        cells = [str(t.number), state + (f": {reason[:200]}" if reason else ""),
+                 short(t.value) if t.value is not None else "-",
+                 str(max(t.intermediate_values) + 1) if t.intermediate_values else "0",
+                 *(short(t.params[k]) if k in t.params else "" for k in keys),
+                 f"{duration:.1f}s" if duration is not None else "-", t.user_attrs.get(claims.RUN_ATTR, "")]
+        body.append(f'<tr class="{state}">' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    plots = "".join(f'<section><h2>{esc(name.replace("_", " "))}</h2>'
+                    f'{fig.to_html(full_html=False, include_plotlyjs=False, div_id=name)}</section>'
+                    for name, fig in figures(ostudy, metric).items())
+    colours = "".join(f"tr.{s} td:nth-child(2){{color:{c}}}" for s, c in COLOURS.items())
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>orch study {esc(ostudy.study_name)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}}#trials td{{font-variant-numeric:tabular-nums}}
+{colours}</style>
+<script type="text/javascript">{get_plotlyjs()}</script></head><body>
+<h1>Study {esc(ostudy.study_name)}</h1><table id="summary">{rows}</table>
+<h2>Trials</h2><table id="trials"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+{plots}<p><small>orch study report, {made}</small></p></body></html>
+"""
+
+
+def log_to_run(ostudy, mlf, run_id: str, url: str, stored, retrain: str | None = None) -> None:
+    """The figures as ``plots/NAME.png`` and the report as ``report.html`` on the run ``run_id``; a
+    figure that cannot be drawn is noted in a ``plots.NAME.error`` tag instead of failing the study."""
+    import matplotlib.pyplot as plt
+
+    metric = stored.section.metric if stored is not None else "value"
+    try:
+        drawn = pngs(ostudy, metric)
+    except Exception as exc:  # noqa: BLE001 - a plot is not worth failing a study over
+        mlf.set_tag(run_id, "plots.error", f"{type(exc).__name__}: {exc}"[:500])
+        drawn = {}
+    for name, fig in drawn.items():
+        try:
+            mlf.log_figure(run_id, fig, f"plots/{name}.png")
+        finally:
+            plt.close(fig)
+    try:
+        text = page(ostudy, url, stored, retrain)
+    except Exception as exc:  # noqa: BLE001
+        mlf.set_tag(run_id, "report.error", f"{type(exc).__name__}: {exc}"[:500])
+        return
+    mlf.log_text(run_id, text, "report.html")
