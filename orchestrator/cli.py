@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import sys
 
@@ -171,9 +170,9 @@ def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None
     if from_study:
         if file:
             fail("give a FILE or --from-study NAME, not both")
-        spec, file, tags, run_name, uri_default = _from_study(from_study, trial_number, storage, overrides)
-        experiment = experiment or spec.name
-        tracking_uri = tracking_uri or uri_default
+        spec, file, tags, run_name, study_name, tracking_uri = _from_study(
+            from_study, trial_number, storage, overrides, tracking_uri)
+        experiment = experiment or study_name
     elif not file:
         fail("give a run FILE, or --from-study NAME to retrain a study's trial")
     else:
@@ -189,6 +188,10 @@ def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None
     from orchestrator.secrets import redact_url
 
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.tracking_uri)
+    try:
+        tracking.check_reachable(uri)
+    except SpecError as exc:
+        fail(str(exc))
     name = experiment or spec.name or Path(file).stem
     click.echo(f"training {spec.cell.plugin} / {spec.module.plugin} on {spec.dataset.plugin}; "
                f"MLflow: {redact_url(uri)} experiment {name!r}", err=True)
@@ -214,8 +217,10 @@ def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None
     click.echo(json.dumps({"run_id": run_id, **result.metrics}, indent=2))
 
 
-def _from_study(name: str, number: int | None, storage: str | None, overrides: tuple[str, ...]):
-    """The run spec, label, tags, run name and tracking URI that retrain trial ``number`` of study ``name``."""
+def _from_study(name: str, number: int | None, storage: str | None, overrides: tuple[str, ...],
+                tracking_uri: str | None):
+    """The run spec, label, tags, run name, experiment and tracking URI that retrain trial ``number``
+    of study ``name`` (``tracking_uri``: given, else ``$MLFLOW_TRACKING_URI``, else the study's)."""
     from orchestrator import record
     from orchestrator.config import SpecError
     from orchestrator.study import default_storage_url
@@ -237,12 +242,14 @@ def _from_study(name: str, number: int | None, storage: str | None, overrides: t
         if not found:
             fail(f"study {name!r} has no trial {number} (trials 0 to {len(trials) - 1})")
         trial = found[0]
-        if trial.state.name in ("RUNNING", "WAITING") or (not trial.params and study.section.space):
-            fail(f"trial {number} of study {name!r} is {trial.state.name.lower()} and has no settings yet")
-    searched = {o.split("=", 1)[0].strip() for o in overrides} & set(trial.params)
+        if trial.state.name in ("RUNNING", "WAITING"):
+            fail(f"trial {number} of study {name!r} is still {trial.state.name.lower()}: retrain it once it ends")
+        if not trial.params and study.section.space:
+            fail(f"trial {number} of study {name!r} failed before its parameters were drawn: nothing to retrain")
+    searched = {o.split("=", 1)[0].strip() for o in overrides} & set(study.section.space)
     if searched:
-        fail(f"--set {', '.join(sorted(searched))}: searched by the study; trial {trial.number} ran with "
-             f"{', '.join(f'{k}={trial.params[k]}' for k in sorted(searched))}")
+        ran = ", ".join(f"{k}={trial.params[k]}" if k in trial.params else f"{k} unset" for k in sorted(searched))
+        fail(f"--set {', '.join(sorted(searched))}: searched by the study; trial {trial.number} ran with {ran}")
     from orchestrator.config import apply_overrides, check_trainer, override_keys
     from orchestrator.study import study_from
 
@@ -254,9 +261,13 @@ def _from_study(name: str, number: int | None, storage: str | None, overrides: t
         check_trainer(spec.trainer, study.src)  # this machine: can it run the trial's accelerator?
     except SpecError as exc:
         fail(str(exc))
+    try:
+        recorded = ostudy.user_attrs.get(record.TRACKING_ATTR)
+        uri = record.study_tracking_uri(study, recorded, tracking_uri, create=False)
+    except SpecError as exc:
+        fail(str(exc))
     tags = {"orch.command": "train", "orch.role": "retrain", "orch.study": name, "orch.trial": str(trial.number)}
-    return (spec, f"study {name} trial {trial.number}", tags, f"retrain trial-{trial.number}",
-            ostudy.user_attrs.get(record.TRACKING_ATTR))
+    return spec, f"study {name} trial {trial.number}", tags, f"retrain trial-{trial.number}", study.name, uri
 
 
 # ---- study -------------------------------------------------------------------------------
@@ -506,9 +517,9 @@ def _open(target: str, storage: str | None):
 @_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def study_show(target: str, storage: str | None, as_json: bool) -> None:
-    """Table of the study's trials: number, state, value, params, duration."""
+    """The study (storage, metric, budget, sampler, best) and its trials: state, value, epochs, params."""
     from orchestrator.claims import ERROR_ATTR
-    from orchestrator.coordinator import counts_of, trials_table
+    from orchestrator.coordinator import trials_table
 
     ostudy = _open(target, storage)
     trials = ostudy.get_trials(deepcopy=False)
@@ -595,8 +606,11 @@ def study_best(target: str, storage: str | None) -> None:
     except ValueError:
         fail(f"study {ostudy.study_name!r} has no complete trial yet", code=1)
     from orchestrator.report import retrain_command
+    from orchestrator.study import default_storage_url
 
-    command = retrain_command(ostudy.study_name, best.number, storage)
+    url = _locate(target, storage)[1]
+    command = retrain_command(ostudy.study_name, best.number,
+                              None if url == default_storage_url(ostudy.study_name) else url)
     click.echo(json.dumps({"study": ostudy.study_name, "trial": best.number, "value": best.value,
                            "params": best.params, "mlflow_run_id": best.user_attrs.get(RUN_ATTR),
                            "retrain": command}, indent=2))
@@ -627,10 +641,21 @@ def ui(target: str | None, tracking_uri: str | None, host: str, port: int, open_
     from orchestrator.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if target and uri.startswith(("http://", "https://")):
+        from orchestrator.config import SpecError
+        from orchestrator.tracking import check_reachable
+
+        try:
+            check_reachable(uri)
+        except SpecError as exc:
+            fail(str(exc))
     experiment = _ui_experiment(target, uri) if target else None
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
-        base = redact_url(uri)
-        click.echo(f"MLflow UI of the tracking server: {base}", err=True)
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(uri)  # a link for a browser: no user or password in it
+        base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        click.echo(f"MLflow UI of the tracking server: {redact_url(uri)}", err=True)
         link = _ui_link(base, target, experiment)
         click.echo(link)
         if open_browser:
@@ -646,6 +671,11 @@ def ui(target: str | None, tracking_uri: str | None, host: str, port: int, open_
     base = f"http://{host}:{port}"
     click.echo(f"MLflow UI on {base}", err=True)
     server = subprocess.Popen(cmd, stdout=sys.stderr)  # stdout holds only the link: scripts read it
+
+    def stop(signum, frame):  # SIGTERM to orch alone (a supervisor): the server goes with it
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         link = _ui_link(base, target, experiment)
         if target:
@@ -661,10 +691,18 @@ def ui(target: str | None, tracking_uri: str | None, host: str, port: int, open_
             import webbrowser
 
             webbrowser.open(link)
-        sys.exit(server.wait())
+        code = server.wait()
     except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except SystemExit as exc:
+        code = exc.code
+    if server.poll() is None:
         server.terminate()
-        sys.exit(128 + signal.SIGINT)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    sys.exit(code)
 
 
 def _ui_experiment(target: str, uri: str) -> str:
@@ -685,12 +723,26 @@ def _ui_experiment(target: str, uri: str) -> str:
             fail(str(exc))
         name = spec.name
     mlf = tracking.client(uri)
-    exp = mlf.get_experiment_by_name(name)
+    try:
+        exp = mlf.get_experiment_by_name(name)
+    except Exception as exc:  # noqa: BLE001 - an unreadable store, a refused login, ...
+        from orchestrator.secrets import describe
+
+        fail(f"cannot read the MLflow store {redact_url(uri)}: {describe(exc)}")
     if exp is None:
         known = ", ".join(sorted(e.name for e in mlf.search_experiments() if e.name != "Default")) or "none"
         fail(f"no study {name!r} in the MLflow store {redact_url(uri)}; its studies: {known}")
-    if spec is not None and VIEW_TAG_PREFIX + VIEW_KEY not in exp.tags:  # a study of an older orch
-        save_study_view(mlf, exp.experiment_id, spec)
+    if VIEW_TAG_PREFIX + VIEW_KEY not in exp.tags:  # a study of an older orch: its view, saved now
+        if spec is None:
+            from orchestrator import record
+            from orchestrator.study import default_storage_url
+
+            try:
+                spec = record.stored_study(default_storage_url(name), name)
+            except Exception:  # noqa: BLE001 - not in the default storage: the link opens the plain runs table
+                spec = None
+        if spec is not None:
+            save_study_view(mlf, exp.experiment_id, spec)
     return exp.experiment_id
 
 

@@ -286,7 +286,8 @@ def trials_table(trials, reasons: int | None = 60, max_epochs: int | None = None
         reason = t.user_attrs.get(claims.ERROR_ATTR) if t.state.name in ("FAIL", "PRUNED") else None
         epochs = max(t.intermediate_values) + 1 if t.intermediate_values else 0
         latest = t.intermediate_values[epochs - 1] if epochs and epochs - 1 in t.intermediate_values else None
-        total = int(t.params.get("trainer.max_epochs", max_epochs or 0)) or None
+        total = t.params.get("trainer.max_epochs", max_epochs)
+        total = total if isinstance(total, int) and total > 0 else None
         eta = "-"
         if t.state.name == "RUNNING" and t.datetime_start:
             duration = (now - t.datetime_start).total_seconds()

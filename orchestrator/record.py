@@ -75,7 +75,7 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
             _check_spec(study, ostudy, attrs.get(SPEC_ATTR), shown, update=create)
             if budget is not _UNSET and attrs.get(BUDGET_ATTR, _UNSET) != budget:
                 ostudy.set_user_attr(BUDGET_ATTR, budget)
-            uri = _tracking_uri(study, attrs.get(TRACKING_ATTR), tracking_uri, create)
+            uri = study_tracking_uri(study, attrs.get(TRACKING_ATTR), tracking_uri, create)
             if uri != tracking_uri:
                 tracking.check_reachable(uri)
             probes.probe_stores(storage_url, uri)
@@ -202,7 +202,7 @@ def next_stream(ostudy) -> int:
     return n
 
 
-def _tracking_uri(study: Study, recorded: str | None, given: str | None, create: bool) -> str:
+def study_tracking_uri(study: Study, recorded: str | None, given: str | None, create: bool) -> str:
     """The MLflow store: the one given (flag, the file when creating, ``$MLFLOW_TRACKING_URI``),
     else the one the study recorded, else the default SQLite store under ``mlruns/``."""
     import os

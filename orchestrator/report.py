@@ -11,6 +11,7 @@ which opens from a file, offline, with no server.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import warnings
 from datetime import datetime, timezone
@@ -41,10 +42,15 @@ def short(v: Any) -> str:
 
 
 def retrain_command(name: str, number: int, storage: str | None = None) -> str:
-    """The command that retrains trial ``number`` of study ``name`` (``storage``: unless the default) and tests it."""
+    """The command that retrains trial ``number`` of study ``name`` and tests it (``storage``: the
+    study's storage URL, unless it is the default journal; one with a password is left to ``$ORCH_STORAGE``)."""
     import shlex
 
-    where = f" --storage {shlex.quote(redact_url(storage))}" if storage else ""
+    where = ""
+    if storage and redact_url(storage) != storage:  # a password: never printed; $ORCH_STORAGE holds it
+        where = ' --storage "$ORCH_STORAGE"'
+    elif storage:
+        where = f" --storage {shlex.quote(storage)}"
     return f"orch train --from-study {shlex.quote(name)} --trial {number}{where} --test"
 
 
@@ -91,44 +97,67 @@ def _importances(ostudy, complete) -> dict[str, float]:
         return optuna.importance.get_param_importances(ostudy, params=sorted(varied))
 
 
+def _drawn(makers: dict[str, Any], errors: dict[str, str]) -> dict[str, Any]:
+    """Each figure that its maker draws; the reason of each that cannot be drawn goes to ``errors``
+    (a figure is not worth failing a study or a report over)."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, make in makers.items():
+            try:
+                out[name] = make()
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
+
+
+def _makers(ostudy, metric: str, errors: dict[str, str], curves, history, parallel, bars) -> dict[str, Any]:
+    """The figures to draw, in reading order, for the trials there are (importances computed once)."""
+    trials = ostudy.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    makers = {"learning_curves": lambda: curves(trials)}
+    if complete:
+        makers["optimization_history"] = history
+    if len(complete) >= 2 and any(t.params for t in complete):
+        makers["parallel_coordinate"] = parallel
+    importances = _drawn({"param_importances": lambda: _importances(ostudy, complete)}, errors)
+    if importances.get("param_importances"):
+        makers["param_importances"] = lambda: bars(importances["param_importances"])
+    return makers
+
+
 # ---- interactive (plotly) -------------------------------------------------------------------------
-def figures(ostudy, metric: str) -> dict[str, Any]:
+def figures(ostudy, metric: str, errors: dict[str, str] | None = None) -> dict[str, Any]:
     """The study's figures as plotly figures, by name, in reading order."""
     import plotly.graph_objects as go
     from optuna import visualization as vis
 
-    trials = ostudy.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    out: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    def curves(trials):
         fig = go.Figure()
         for t, epochs, values in _curves(trials):
-            state = state_of(t)
             fig.add_trace(go.Scatter(
-                x=epochs, y=values, mode="lines+markers", name=f"trial {t.number} ({state})",
-                line={"dash": DASHES.get(state, ("dashdot", ""))[0]},
+                x=epochs, y=values, mode="lines+markers", name=f"trial {t.number} ({state_of(t)})",
+                line={"dash": DASHES.get(state_of(t), ("dashdot", ""))[0]},
                 hovertext=", ".join(f"{k}={short(v)}" for k, v in t.params.items())))
         fig.update_layout(title=f"Learning curves: {metric} per epoch (solid: complete, dashed: pruned, "
                                 "dotted: failed)", xaxis_title="epoch", yaxis_title=metric)
         fig.update_xaxes(tickformat="d")
-        out["learning_curves"] = fig
-        if complete:
-            out["optimization_history"] = vis.plot_optimization_history(ostudy, target_name=metric)
-        if len(complete) >= 2 and any(t.params for t in complete):
-            out["parallel_coordinate"] = vis.plot_parallel_coordinate(ostudy, target_name=metric)
-        importances = _importances(ostudy, complete)
-        if importances:
-            names = list(importances)[::-1]
-            out["param_importances"] = go.Figure(go.Bar(x=[importances[n] for n in names], y=names,
-                                                        orientation="h"))
-            out["param_importances"].update_layout(title=f"Parameter importances for {metric} (fANOVA)",
-                                                   xaxis_title="importance")
-    return out
+        return fig
+
+    def bars(importances):
+        names = list(importances)[::-1]
+        fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
+        fig.update_layout(title=f"Parameter importances for {metric} (fANOVA)", xaxis_title="importance")
+        return fig
+
+    errors = {} if errors is None else errors
+    return _drawn(_makers(ostudy, metric, errors, curves,
+                          lambda: vis.plot_optimization_history(ostudy, target_name=metric),
+                          lambda: vis.plot_parallel_coordinate(ostudy, target_name=metric), bars), errors)
 
 
 # ---- static (matplotlib) --------------------------------------------------------------------------
-def pngs(ostudy, metric: str) -> dict[str, Any]:
+def pngs(ostudy, metric: str, errors: dict[str, str] | None = None) -> dict[str, Any]:
     """The same figures as matplotlib figures (closed by the caller), by name."""
     import matplotlib
 
@@ -136,40 +165,35 @@ def pngs(ostudy, metric: str) -> dict[str, Any]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    trials = ostudy.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    out: dict[str, Any] = {}
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for t, epochs, values in _curves(trials):
-        state = state_of(t)
-        ax.plot(epochs, values, marker="o", linestyle=DASHES.get(state, ("", "-."))[1], alpha=0.8,
-                label=f"{t.number} ({state})")
-    ax.set(title=f"Learning curves: {metric} per epoch", xlabel="epoch", ylabel=metric)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    if len(ax.lines) <= 20:
-        ax.legend(title="trial", fontsize="small")
-    out["learning_curves"] = fig
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plots = {}
-        if complete:
-            plots["optimization_history"] = lambda: ovm.plot_optimization_history(ostudy, target_name=metric)
-        if len(complete) >= 2 and any(t.params for t in complete):
-            plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(ostudy, target_name=metric)
-        for name, draw in plots.items():
-            ax = draw()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(10, 6)
-            out[name] = fig
-        importances = _importances(ostudy, complete)
-        if importances:
-            fig, ax = plt.subplots(figsize=(10, 6))
-            names = list(importances)[::-1]
-            ax.barh(names, [importances[n] for n in names])
-            ax.set(title=f"Parameter importances for {metric} (fANOVA)", xlabel="importance")
-            fig.tight_layout()
-            out["param_importances"] = fig
-    return out
+    def curves(trials):
+        fig, ax = plt.subplots(figsize=(10, 6))
+        for t, epochs, values in _curves(trials):
+            state = state_of(t)
+            ax.plot(epochs, values, marker="o", linestyle=DASHES.get(state, ("", "-."))[1], alpha=0.8,
+                    label=f"{t.number} ({state})")
+        ax.set(title=f"Learning curves: {metric} per epoch", xlabel="epoch", ylabel=metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if 0 < len(ax.lines) <= 20:
+            ax.legend(title="trial", fontsize="small")
+        return fig
+
+    def optuna_figure(draw):
+        ax = draw(ostudy, target_name=metric)
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(10, 6)
+        return fig
+
+    def bars(importances):
+        fig, ax = plt.subplots(figsize=(10, 6))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(title=f"Parameter importances for {metric} (fANOVA)", xlabel="importance")
+        fig.tight_layout()
+        return fig
+
+    errors = {} if errors is None else errors
+    return _drawn(_makers(ostudy, metric, errors, curves, lambda: optuna_figure(ovm.plot_optimization_history),
+                          lambda: optuna_figure(ovm.plot_parallel_coordinate), bars), errors)
 
 
 # ---- the page -------------------------------------------------------------------------------------
@@ -197,9 +221,11 @@ def page(ostudy, url: str, stored, retrain: str | None = None) -> str:
                  *(short(t.params[k]) if k in t.params else "" for k in keys),
                  f"{duration:.1f}s" if duration is not None else "-", t.user_attrs.get(claims.RUN_ATTR, "")]
         body.append(f'<tr class="{state}">' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    errors: dict[str, str] = {}
     plots = "".join(f'<section><h2>{esc(name.replace("_", " "))}</h2>'
                     f'{fig.to_html(full_html=False, include_plotlyjs=False, div_id=name)}</section>'
-                    for name, fig in figures(ostudy, metric).items())
+                    for name, fig in figures(ostudy, metric, errors).items())
+    plots += "".join(f"<p>{esc(name.replace('_', ' '))}: not drawn ({esc(why)})</p>" for name, why in errors.items())
     colours = "".join(f"tr.{s} td:nth-child(2){{color:{c}}}" for s, c in COLOURS.items())
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
@@ -216,23 +242,23 @@ td,th{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}}#trials td
 
 def log_to_run(ostudy, mlf, run_id: str, url: str, stored, retrain: str | None = None) -> None:
     """The figures as ``plots/NAME.png`` and the report as ``report.html`` on the run ``run_id``; a
-    figure that cannot be drawn is noted in a ``plots.NAME.error`` tag instead of failing the study."""
+    figure that cannot be drawn or stored is noted in a ``plots.NAME.error`` tag instead of failing
+    the study."""
     import matplotlib.pyplot as plt
 
     metric = stored.section.metric if stored is not None else "value"
-    try:
-        drawn = pngs(ostudy, metric)
-    except Exception as exc:  # noqa: BLE001 - a plot is not worth failing a study over
-        mlf.set_tag(run_id, "plots.error", f"{type(exc).__name__}: {exc}"[:500])
-        drawn = {}
-    for name, fig in drawn.items():
+    errors: dict[str, str] = {}
+
+    def keep(name: str, store) -> None:
         try:
-            mlf.log_figure(run_id, fig, f"plots/{name}.png")
-        finally:
-            plt.close(fig)
-    try:
-        text = page(ostudy, url, stored, retrain)
-    except Exception as exc:  # noqa: BLE001
-        mlf.set_tag(run_id, "report.error", f"{type(exc).__name__}: {exc}"[:500])
-        return
-    mlf.log_text(run_id, text, "report.html")
+            store()
+        except Exception as exc:  # noqa: BLE001 - a figure is not worth failing a study over
+            errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+
+    for name, fig in pngs(ostudy, metric, errors).items():
+        keep(name, lambda: mlf.log_figure(run_id, fig, f"plots/{name}.png"))
+        plt.close(fig)
+    keep("report", lambda: mlf.log_text(run_id, page(ostudy, url, stored, retrain), "report.html"))
+    for name, why in errors.items():
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            mlf.set_tag(run_id, f"plots.{name}.error", why)

@@ -130,6 +130,18 @@ def orch(*args, cwd, env=None, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def stop_group(proc, timeout: float = 20) -> None:
+    """SIGTERM to the process group of ``proc`` (started with ``start_new_session``), SIGKILL if it lingers."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def load(tmp_path, name="tiny"):
     """The journal study ``name`` under ``tmp_path/mlruns``, its MLflow client, parent and child runs."""
     import mlflow

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, write
+from conftest import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, stop_group, write
 from orchestrator.cli import main
 
 def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
@@ -275,11 +275,7 @@ def test_ui_serves_the_store_on_loopback_on_the_port_it_prints(tmp_path):
             assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
         assert (tmp_path / "mlruns" / "mlflow.db").exists()
     finally:  # the server and its worker processes
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc)
 
 
 @pytest.mark.slow
