@@ -173,6 +173,7 @@ def test_two_runs_started_at_the_same_instant_on_a_fresh_store(tmp_path, request
 PASSWORD = "p@ss:w/rd"
 
 
+@pytest.mark.slow  # seven orch commands against PostgreSQL and an MLflow server: a minute
 def test_a_password_with_at_colon_and_slash_never_shows(tmp_path, databases, mlflow_server):
     storage = databases.make(password=PASSWORD)
     host = mlflow_server.split("://", 1)[1]
