@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
-import time
 import warnings
 
 import pytorch_lightning as pl
@@ -35,19 +33,7 @@ import torch
 from orchestrator import runner, tracking
 from orchestrator.config import load_spec
 from orchestrator.testing.reference import plain_tbptt
-
-
-class StepClock(pl.Callback):
-    def __init__(self, sync):
-        self.starts: list[float] = []
-        self.sync = sync
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.starts.append(time.perf_counter())
-
-    def on_train_epoch_end(self, trainer, module):
-        self.sync()
-        self.starts.append(time.perf_counter())
+from throughput import StepClock  # benchmarks/ is the script's folder, first on sys.path
 
 
 class Profiled(pl.Callback):

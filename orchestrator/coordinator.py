@@ -49,18 +49,23 @@ def study_budget(study: Study, trials: int | None) -> int | None:
     return budget
 
 
+def state_of(trial) -> str:
+    """complete, pruned, failed, running or waiting; ``interrupted`` (stopped by the user) and
+    ``lost`` (with their worker), both retried and using no budget, apart from ``failed``."""
+    key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+           "WAITING": "waiting"}[trial.state.name]
+    if key == "failed" and trial.user_attrs.get(claims.INTERRUPTED_ATTR):
+        return "interrupted"
+    if key == "failed" and trial.user_attrs.get(claims.LOST_ATTR):
+        return "lost"
+    return key
+
+
 def counts_of(trials) -> dict[str, int]:
-    """Trials by state; ``interrupted`` (stopped by the user) and ``lost`` (with their worker), both
-    retried and using no budget, are apart from ``failed``."""
+    """Trials by :func:`state_of`."""
     out = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0, "lost": 0, "running": 0, "waiting": 0}
     for t in trials:
-        key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
-               "WAITING": "waiting"}[t.state.name]
-        if key == "failed" and t.user_attrs.get(claims.INTERRUPTED_ATTR):
-            key = "interrupted"
-        elif key == "failed" and t.user_attrs.get(claims.LOST_ATTR):
-            key = "lost"
-        out[key] += 1
+        out[state_of(t)] += 1
     return out
 
 

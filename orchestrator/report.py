@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from orchestrator import claims
+from orchestrator.coordinator import state_of
 from orchestrator.secrets import redact_url
 
 #: line styles of the trial states in the learning curves (plotly, matplotlib)
@@ -25,16 +26,6 @@ DASHES = {"complete": ("solid", "-"), "pruned": ("dash", "--"), "failed": ("dot"
 #: colours of the trial states in the report's table
 COLOURS = {"complete": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728", "interrupted": "#7f7f7f",
            "lost": "#7f7f7f", "running": "#2ca02c", "waiting": "#bcbd22"}
-
-
-def state_of(trial) -> str:
-    """complete, pruned, failed, interrupted, lost, running or waiting."""
-    state = trial.state.name.lower().replace("fail", "failed")
-    if state == "failed" and trial.user_attrs.get(claims.INTERRUPTED_ATTR):
-        return "interrupted"
-    if state == "failed" and trial.user_attrs.get(claims.LOST_ATTR):
-        return "lost"
-    return state
 
 
 def short(v: Any) -> str:
