@@ -299,7 +299,10 @@ def trials_table(trials, reasons: int | None = 60, max_epochs: int | None = None
             done = epochs - int(t.user_attrs.get("orch.resumed_at_epoch", 0))  # epochs this attempt ran
             if total and done > 0:
                 eta = f"{duration / done * max(total - epochs, 0):.0f}s"
-        table.add_row(str(t.number), t.state.name.lower() + (f" ({reason[:reasons]})" if reason else ""),
+        state = state_of(t)
+        if reason:  # "interrupted (SIGINT) while running ..." already says its state
+            state = reason[:reasons] if reason.startswith(state) else f"{state} ({reason[:reasons]})"
+        table.add_row(str(t.number), state,
                       _fmt(t.value) if t.value is not None else "-",
                       f"{epochs}/{total}" if total else str(epochs), _fmt(latest) if latest is not None else "-",
                       params, f"{duration:.1f}s" if duration is not None else "-", eta)
