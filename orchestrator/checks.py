@@ -34,9 +34,9 @@ class Verdict:
 
 
 def _cache_file() -> Path:
-    import platformdirs
+    from orchestrator.listing import cache_dir
 
-    return Path(os.environ.get("ORCH_CACHE_DIR") or platformdirs.user_cache_dir("orch")) / "plugin-checks.json"
+    return cache_dir() / "plugin-checks.json"
 
 
 def _stamp(info: registry.PluginInfo) -> str:

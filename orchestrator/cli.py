@@ -113,11 +113,13 @@ def plugins_new(kind: str, name: str, folder: str) -> None:
 
 @plugins.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plugins_list(as_json: bool) -> None:
+@click.option("--refresh", is_flag=True, help="Load every plugin again rather than trust the cached listing "
+              "(it is recomputed anyway whenever a plugin, an installed package or orch changes).")
+def plugins_list(as_json: bool, refresh: bool) -> None:
     """List every plugin with its distribution, version and status (broken ones with the error)."""
-    from orchestrator import registry
+    from orchestrator.listing import listing
 
-    found = registry.discover_all()
+    found = listing(refresh)
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in found], indent=2))
         return
@@ -485,12 +487,12 @@ def study_repair(target: str, storage: str | None, force: bool) -> None:
 
 def _locate(target: str, storage: str | None) -> tuple[str, str]:
     """The name and storage URL of a study named by its file or its name (default: its journal file)."""
-    from orchestrator.config import SpecError
-    from orchestrator.study import default_storage_url, load_study
+    from orchestrator.config import SpecError, load_yaml
+    from orchestrator.study import default_storage_url, parsed_study
 
     if target.endswith((".yaml", ".yml")):
         try:
-            spec = load_study(target)
+            spec = parsed_study(*load_yaml(target))  # only its name and storage are needed
         except SpecError as exc:
             fail(str(exc))
         return spec.name, storage or spec.section.storage or default_storage_url(spec.name)
@@ -536,7 +538,7 @@ def study_show(target: str, storage: str | None, as_json: bool) -> None:
 
     url = _locate(target, storage)[1]
     try:
-        stored = record.stored_study(url, ostudy.study_name)
+        stored = record.stored_study(url, ostudy.study_name, checked=False)
     except Exception:  # noqa: BLE001 - a study that orch did not create: no file stored with it
         stored = None
     console = Console()
@@ -575,7 +577,7 @@ def study_report(target: str, storage: str | None, out_dir: str) -> None:
     ostudy = _open(target, storage)
     name, url = ostudy.study_name, _locate(target, storage)[1]
     try:
-        stored = record.stored_study(url, name)
+        stored = record.stored_study(url, name, checked=False)
     except Exception:  # noqa: BLE001 - a study that orch did not create: no file stored with it
         stored = None
     try:
@@ -738,7 +740,7 @@ def _ui_experiment(target: str, uri: str) -> str:
             from orchestrator.study import default_storage_url
 
             try:
-                spec = record.stored_study(default_storage_url(name), name)
+                spec = record.stored_study(default_storage_url(name), name, checked=False)
             except Exception:  # noqa: BLE001 - not in the default storage: the link opens the plain runs table
                 spec = None
         if spec is not None:

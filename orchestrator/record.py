@@ -23,7 +23,7 @@ from typing import Any
 from orchestrator import claims, probes, tracking, views
 from orchestrator.config import SpecError
 from orchestrator.secrets import MASK, describe, redact_data, redact_url
-from orchestrator.study import Study, open_storage, study_from
+from orchestrator.study import Study, open_storage, parsed_study, study_from
 
 SPEC_ATTR = "orch.spec"
 BUDGET_ATTR = "orch.budget"
@@ -134,8 +134,9 @@ def load(storage_url: str, name: str, storage=None, writable: bool = False):
         raise SpecError(f"cannot open the Optuna storage {redact_url(storage_url)}: {describe(exc)}") from None
 
 
-def stored_study(storage_url: str, name: str) -> Study:
-    """The study file that study ``name`` was created with, as stored with it."""
+def stored_study(storage_url: str, name: str, checked: bool = True) -> Study:
+    """The study file that study ``name`` was created with, as stored with it; ``checked=False``:
+    parsed only (:func:`~orchestrator.study.parsed_study`), for commands that only read the study."""
     from orchestrator.config import yaml_source
 
     text = load(storage_url, name).user_attrs.get(SPEC_ATTR)
@@ -143,7 +144,7 @@ def stored_study(storage_url: str, name: str) -> Study:
         raise SpecError(f"study {name!r} in {redact_url(storage_url)} holds no orch study file (it was "
                         "created by an older orch, or by Optuna itself): pass the study FILE instead of its name")
     data, src = yaml_source(text, f"study {name!r} as stored in {redact_url(storage_url)}")
-    return study_from(data, src)
+    return study_from(data, src) if checked else parsed_study(data, src)
 
 
 def spec_text(study: Study) -> str:

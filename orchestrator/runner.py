@@ -207,6 +207,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     finished epochs are flushed); the caller closes the run with :func:`end_run`.
     """
     from orchestrator import tracking
+    from orchestrator.epoch_logger import EpochLogger
 
     tracking.log_params(mlf, run_id, spec.flat_params())
     mlf.log_text(run_id, yaml.safe_dump(redact_data(spec.resolved()), sort_keys=False), "config.yaml")
@@ -214,7 +215,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     device = device_of(spec)
     for k, v in {**plugin_tags(built.plugins), "orch.device": device, "orch.seed": str(spec.seed)}.items():
         mlf.set_tag(run_id, k, v)
-    logger = tracking.EpochLogger(mlf, run_id)
+    logger = EpochLogger(mlf, run_id)
     callbacks = list(callbacks)
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
         directory = Path(ckpt_dir or tmp)

@@ -197,7 +197,7 @@ class Study:
 
 def _pydantic_message(exc: ValidationError, prefix: str, src: Source) -> SpecError:
     err = exc.errors()[0]
-    dotted = ".".join([prefix, *(str(p) for p in err["loc"])])
+    dotted = ".".join(str(p) for p in [prefix, *err["loc"]] if p != "")
     if err["type"] == "extra_forbidden":
         return src.error(dotted, f"unknown key {dotted!r}")
     got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
@@ -286,6 +286,17 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                         f"would be ignored; change its range (--set study.space.{searched[0]}.high=...) or take it "
                         "out of the space")
     return study_from(apply_overrides(data, overrides), src)
+
+
+def parsed_study(data: dict[str, Any], src: Source) -> Study:
+    """A study file parsed, without importing or checking its plugins (:func:`study_from` does):
+    for commands that only read a study (``show``, ``best``, ``report``, ``ui``), whose file was
+    checked when the study was created. Its :meth:`Study.spec_for` still checks each run."""
+    try:
+        base = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _pydantic_message(exc, "", src) from None
+    return Study(data, _section(data, src), src, base)
 
 
 def study_from(data: dict[str, Any], src: Source) -> Study:

@@ -163,6 +163,22 @@ def test_show_has_a_readable_header_and_best_ends_with_the_retrain_command(studi
     assert retrain_command("tiny", 3, "sqlite:///s.db") == "orch train --from-study tiny --trial 3 --storage sqlite:///s.db --test"
 
 
+@pytest.mark.parametrize("command", [["study", "show", "tiny"], ["study", "show", "tiny.yaml"],
+                                     ["study", "show", "tiny", "--json"], ["study", "best", "tiny"]])
+def test_reading_a_study_imports_no_torch_lightning_or_mlflow(studied, command):
+    """What keeps `study show` and `study best` under a second: the study file stored with the
+    study is parsed, not checked against its plugins again, so nothing heavy is imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "orchestrator.cli", *command], cwd=studied,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "160"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study, *_ = load(studied)
+    best = study.best_trial
+    assert f"{best.value:.6g}"[:6] in proc.stdout or str(best.value) in proc.stdout, proc.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    heavy = imported & {"torch", "pytorch_lightning", "lightning", "mlflow"}
+    assert not heavy, f"orch {' '.join(command)} imported {heavy}"
+
+
 def test_train_from_study_retrains_the_trial_exactly_and_refuses_what_it_cannot(studied, monkeypatch):
     study, client, parents, _ = load(studied)
     best = study.best_trial

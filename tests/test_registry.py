@@ -111,3 +111,45 @@ def test_help_imports_no_heavy_library():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     heavy = imported & {"torch", "pytorch_lightning", "lightning", "mlflow", "optuna"}
     assert not heavy, f"orch --help imported {heavy}"
+
+
+LIST_AND_REPORT = """
+import sys
+from orchestrator.cli import main
+try:
+    main(["plugins", "list", "--json"])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path):
+    root = fake_dist("thirdparty-cells", THIRD_PARTY, {"thirdparty_cells": CELLS_SRC})
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "ORCH_CACHE_DIR": str(tmp_path / "cache")}
+
+    def listing():
+        proc = subprocess.run([sys.executable, "-c", LIST_AND_REPORT], capture_output=True, text=True,
+                              env=env, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)}, proc.stderr.strip().splitlines()[-1]
+
+    first, imported = listing()
+    assert imported == "torch imported" and first[("cells", "gru")]["status"] == "ok"
+    again, imported = listing()
+    assert imported == "torch not imported"  # the cached listing: no plugin, torch or Lightning import
+    assert again == first
+    # an edit that breaks the plugin is seen at once
+    (root / "thirdparty_cells.py").write_text(CELLS_SRC.replace("import torch", "import torch\nraise ImportError('no GRU today')"))
+    broken, imported = listing()
+    assert imported == "torch imported"
+    assert broken[("cells", "gru")]["status"] == "broken" and "no GRU today" in broken[("cells", "gru")]["error"]
+    # so is a newly installed distribution (a new dist-info in a folder on the path)
+    info = root / "more_cells-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: more-cells\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[orch.cells]\nlstm2 = orch_plugins.cells:LSTMCell\n")
+    more, imported = listing()
+    assert imported == "torch imported" and more[("cells", "lstm2")]["distribution"] == "more-cells"
+    assert {k: v for k, v in more.items() if k != ("cells", "lstm2")} == broken
