@@ -105,29 +105,34 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
         if budget is None and timeout is None:
             raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass "
                             "--trials/--timeout")
-        joined = record.open_study(study, storage_url, create=True, tracking_uri=tracking_uri, budget=budget)
-    else:
-        joined = record.open_study(study, storage_url, create=False, tracking_uri=tracking_uri)
-        budget = record.budget(joined.ostudy)
-    ostudy, mlf = joined.ostudy, joined.mlf
-    if joined.lost:
-        echo(f"trials {joined.lost} were lost with their worker: marked failed, and retried")
-    if joined.retried:
-        echo(f"trials {joined.retried} are queued to run again with the same parameters")
-
-    already = claims.counted(ostudy.get_trials(deepcopy=False))
     slots = _slots(study, devices, workers_n or section.resources.workers, trials_per_device)
-    if budget is not None:
-        slots = slots[:max(budget - already, 0)] or []
-    deadline = time.time() + timeout if timeout else None
-    job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
-                      parent_run_id=joined.parent_run_id, deadline=deadline,
-                      checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid())
-    echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
-         f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
-         f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
-         f"MLflow {redact_url(joined.tracking_uri)}")
-    ran = _supervise(job, slots, ostudy, mlf, budget, echo, live)
+    early = workers.Prestarted(slots)  # their imports overlap the opening of the study and its MLflow run
+    try:
+        if create:
+            joined = record.open_study(study, storage_url, create=True, tracking_uri=tracking_uri, budget=budget)
+        else:
+            joined = record.open_study(study, storage_url, create=False, tracking_uri=tracking_uri)
+            budget = record.budget(joined.ostudy)
+        ostudy, mlf = joined.ostudy, joined.mlf
+        if joined.lost:
+            echo(f"trials {joined.lost} were lost with their worker: marked failed, and retried")
+        if joined.retried:
+            echo(f"trials {joined.retried} are queued to run again with the same parameters")
+
+        already = claims.counted(ostudy.get_trials(deepcopy=False))
+        if budget is not None:
+            slots = slots[:max(budget - already, 0)] or []
+        deadline = time.time() + timeout if timeout else None
+        job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
+                          parent_run_id=joined.parent_run_id, deadline=deadline,
+                          checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid())
+        echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
+             f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
+             f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
+             f"MLflow {redact_url(joined.tracking_uri)}")
+        ran = _supervise(job, slots, ostudy, mlf, budget, echo, live, early)
+    finally:
+        early.cancel()
     return _finish(study, ostudy, mlf, joined, ran)
 
 
@@ -151,18 +156,23 @@ class ResourceStop(RuntimeError):
     """A worker met a fault that retrying cannot fix (a full disk, a read-only store): the study stopped."""
 
 
-def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
-    """Start one process per slot, replace any that dies (its trial is lost, and retried), show
-    progress; returns the ids of the worker processes it ran. A stop signal (:class:`Stopped`) or
-    a worker's :class:`ResourceStop` stops them all, their trials interrupted."""
+def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool, early: workers.Prestarted) -> set[str]:
+    """Start one process per slot (hand its job to the one started ``early``), replace any that
+    dies (its trial is lost, and retried), show progress; returns the ids of the worker processes
+    it ran. A stop signal (:class:`Stopped`) or a worker's :class:`ResourceStop` stops them all,
+    their trials interrupted."""
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.Process] = {}
     ran: set[str] = set()
 
     def start(slot):
-        p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
-        procs[slot.index] = p  # tracked before it runs: a stop signal now still finds it
-        p.start()
+        p = early.start(slot, job)
+        if p is not None:
+            procs[slot.index] = p
+        else:
+            p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
+            procs[slot.index] = p  # tracked before it runs: a stop signal now still finds it
+            p.start()
         ran.add(claims.worker_id(p.pid))
 
     last = ""
@@ -171,6 +181,7 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool) -> set[str]:
     try:
         for slot in slots:
             start(slot)
+        early.cancel()  # those of slots the budget does not need
         with display:
             while procs:
                 for slot in slots:

@@ -265,12 +265,84 @@ def _taken_over(ostudy, trial, mlf, run_id: str) -> bool:
     return True
 
 
+class Prestarted:
+    """Worker processes started as soon as the study file is checked, one per slot: each imports
+    torch, Lightning, MLflow and Optuna while the coordinator opens the study and its MLflow run,
+    then waits for its :class:`Job` (:func:`early_main`). :meth:`start` hands a slot its job;
+    :meth:`cancel` kills those never handed one, which have touched nothing but their imports."""
+
+    def __init__(self, slots: list[Slot]):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.waiting: dict[int, tuple] = {}
+        try:
+            for slot in slots:
+                receive, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=early_main, args=(receive, slot, os.getpid()), name=f"orch-worker-{slot.index}")
+                self.waiting[slot.index] = (p, send)  # tracked before it runs, so cancel() finds it
+                p.start()
+                receive.close()
+        except BaseException:
+            self.cancel()
+            raise
+
+    def start(self, slot: Slot, job: Job):
+        """The worker process of ``slot``, running ``job`` (``None`` if none was started early)."""
+        entry = self.waiting.pop(slot.index, None)
+        if entry is None:
+            return None
+        p, send = entry
+        try:
+            send.send(job)
+        except OSError:
+            pass  # it died meanwhile: the coordinator sees a worker that exited, and replaces it
+        finally:
+            send.close()
+        return p
+
+    def cancel(self) -> None:
+        """Kill and reap every worker still waiting for a job."""
+        for p, send in self.waiting.values():
+            send.close()
+            if p.pid is not None:
+                p.kill()
+                p.join()
+        self.waiting.clear()
+
+
 # ---- the worker process ------------------------------------------------------------------------
 def worker_main(job: Job, slot: Slot) -> None:
     """Entry point of a worker process (started with the ``spawn`` method)."""
+    _prepare(slot, job.parent_pid)
+    _work(job, slot)
+
+
+def early_main(jobs, slot: Slot, parent_pid: int) -> None:
+    """Entry point of a worker started while the coordinator still opens the study: its imports
+    (torch, Lightning, MLflow, Optuna: seconds) overlap the coordinator's, then it waits for its
+    job on the pipe ``jobs``. It touches no storage before the job comes; no job (the pipe closed:
+    the study did not open, or needs fewer workers) and it exits."""
     from orchestrator import stopping
 
-    stopping.install_worker_handlers(job.parent_pid)
+    _prepare(slot, parent_pid)
+    while not jobs.poll(0.2):
+        if stopping.requested() is not None:
+            sys.exit(stopping.exit_code())
+    try:
+        job = jobs.recv()
+    except EOFError:
+        return
+    finally:
+        jobs.close()
+    _work(job, slot)
+
+
+def _prepare(slot: Slot, parent_pid: int) -> None:
+    """Stop handlers, the slot's device and threads, then the heavy imports, once per process."""
+    from orchestrator import stopping
+
+    stopping.install_worker_handlers(parent_pid)
     # pin the device before anything can initialise CUDA; slot.gpu indexes the GPUs the
     # coordinator could see, which may themselves be a CUDA_VISIBLE_DEVICES selection
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
@@ -282,6 +354,7 @@ def worker_main(job: Job, slot: Slot) -> None:
     import logging
     import warnings
 
+    import mlflow  # noqa: F401 - imported here, once, so that a worker started early has paid for it
     import optuna
     import pytorch_lightning  # noqa: F401 - sets its logger's level on import; quieten it after
     import torch
@@ -290,7 +363,15 @@ def worker_main(job: Job, slot: Slot) -> None:
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from orchestrator import record, secrets, tracking
+
+
+def _work(job: Job, slot: Slot) -> None:
+    """Claim and run trials until the budget is met, the deadline passes or a stop is requested."""
+    import warnings
+
+    import optuna
+
+    from orchestrator import record, secrets, stopping, tracking
     from orchestrator.claims import Heartbeat
     from orchestrator.study import make_pruner, make_sampler, open_storage
 

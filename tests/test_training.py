@@ -155,6 +155,28 @@ def test_zaremba_lr_schedule_and_clipping(corpus):
     assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
 
 
+def test_tied_weights_share_one_matrix_that_both_ends_train(corpus):
+    folder, sums = corpus
+    dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, bptt=7)
+    info = dm.describe()
+    torch.manual_seed(0)
+    cell = CellSpec("lstm", LSTMCell, {"hidden_size": 12})
+    tied = LanguageModel(cell=cell, info=info, tie_weights=True, init_scale=0.1)
+    untied = LanguageModel(cell=cell, info=info, init_scale=0.1)
+    assert tied.decoder.weight is tied.embedding.weight
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(tied) == info.vocab_size * 12  # one vocab x hidden matrix fewer
+    # a step moves the shared matrix by the gradients of both the embedding and the decoder
+    x, y = next(iter(dm.train_dataloader()))
+    out, _ = tied(x, tied.cell.init_state(x.shape[0]))
+    torch.nn.functional.cross_entropy(out.reshape(-1, info.vocab_size), y.reshape(-1)).backward()
+    grad = tied.embedding.weight.grad
+    unseen = sorted(set(range(info.vocab_size)) - set(x.flatten().tolist()))
+    assert grad[unseen].abs().sum() > 0  # rows of words not in the input still learn, through the decoder
+    with pytest.raises(ValueError, match="tie_weights needs embedding_size == hidden_size"):
+        LanguageModel(cell=cell, info=info, tie_weights=True, embedding_size=8)
+
+
 def test_incompatible_dataset_and_module_fail_before_training(tmp_path):
     data = echo_run(tmp_path)
     data["module"] = {"plugin": "language_model"}
