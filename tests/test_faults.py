@@ -344,6 +344,11 @@ def test_unwritable_stores_and_an_unreachable_tracking_server_are_refused_before
         assert proc.returncode == 2 and message in proc.stderr, (case, proc.stderr)
         assert time.time() - t < 30 and "Traceback" not in proc.stderr, case
         assert len(proc.stderr.strip().splitlines()) <= 2, (case, proc.stderr)
+    # the workers started while the study was being opened went with it: none is left behind
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, *cases["server"][0]],
+                            cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=60) == 2
+    assert live_in_group(proc.pid, wait=0) == []
     # nothing ran: no trial in any store orch could write
     for store in (tmp_path / "mlruns" / "optuna").glob("*.journal"):
         study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
