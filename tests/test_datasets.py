@@ -141,6 +141,40 @@ def test_ptb_missing_file_is_named(corpus, tmp_path):
         PTB(data_dir=str(tmp_path / "nowhere"), checksums=sums).describe()
 
 
+def test_ptb_keeps_its_tokenised_corpus_as_tensors_in_the_cache(corpus, tmp_path, monkeypatch):
+    import orch_plugins.datasets.ptb as ptb_module
+
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "orch-cache"))
+    folder, sums = corpus
+    first = PTB(data_dir=str(folder), checksums=sums)
+    info = first.describe()
+    (kept,) = (tmp_path / "orch-cache" / "tensors").glob("ptb-*.pt")
+
+    def same(other):
+        assert other.describe() == info and other.vocab == first.vocab and other.token_counts == first.token_counts
+        for split, ids in first._load().items():
+            assert torch.equal(other._load()[split], ids)
+
+    real = ptb_module.tokenize
+
+    def refuse(text):
+        raise AssertionError("tokenised again although the tensors are in the cache")
+
+    monkeypatch.setattr(ptb_module, "tokenize", refuse)
+    same(PTB(data_dir=str(folder), checksums=sums))  # read from the tensors, not tokenised
+    # a file cut halfway is only a cache: the corpus is tokenised again and the file rewritten
+    whole = kept.read_bytes()
+    kept.write_bytes(whole[: len(whole) // 2])
+    monkeypatch.setattr(ptb_module, "tokenize", real)
+    same(PTB(data_dir=str(folder), checksums=sums))
+    assert torch.load(kept, weights_only=True)["vocab"] == first.vocab
+    # another corpus (other checksums) has a file of its own
+    other = tmp_path / "other"
+    other_sums = write_corpus(other, seed=2)
+    assert PTB(data_dir=str(other), checksums=other_sums).describe().vocab_size > 0
+    assert len(list((tmp_path / "orch-cache" / "tensors").glob("ptb-*.pt"))) == 2
+
+
 def test_ptb_lookup_order(tmp_path, monkeypatch):
     explicit = tmp_path / "explicit"
     sums = write_corpus(explicit, seed=1)
