@@ -114,7 +114,9 @@ def make_trainer(spec: RunSpec, *, callbacks=(), logger=None, root_dir: str | No
     }
     args.update(spec.trainer)
     args.update(overrides)
-    args["callbacks"] = list(args.get("callbacks") or []) + list(callbacks)
+    from orchestrator.device_data import StreamsOnDevice
+
+    args["callbacks"] = list(args.get("callbacks") or []) + list(callbacks) + [StreamsOnDevice()]
     if args["enable_progress_bar"] and not any(isinstance(c, pl.callbacks.ProgressBar) for c in args["callbacks"]):
         from orchestrator.progress import TrainingBar
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from orchestrator import runner
 from orchestrator.cli import main
-from orchestrator.config import load_spec
+from orchestrator.config import RunSpec, load_spec
 from orchestrator.contracts.module import CellSpec
 from orchestrator.testing.reference import plain_tbptt
 from orch_plugins.cells import LSTMCell
@@ -153,6 +153,43 @@ def test_zaremba_lr_schedule_and_clipping(corpus):
                          callbacks=[Record()])
     trainer.fit(module, datamodule=dm)
     assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: the streams then move from the host to it"))])
+def test_every_stream_a_fit_reads_is_on_the_module_s_device(corpus, accelerator):
+    from orchestrator.device_data import _loaders
+
+    folder, sums = corpus
+    dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, eval_batch_size=3, bptt=7)
+    seen = []
+
+    class Probe(pl.Callback):  # runs after orch's own callbacks: what the steps will read
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(("train", module.device, [dl.dataset.x.device for dl in _loaders(trainer.train_dataloader)],
+                             batch[0].device))
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0:
+                seen.append(("val", module.device, [dl.dataset.x.device for dl in _loaders(trainer.val_dataloaders)],
+                             batch[0].device))
+
+    torch.manual_seed(0)
+    module = LanguageModel(cell=CellSpec("lstm", LSTMCell, {"hidden_size": 8}), info=dm.describe())
+    spec = RunSpec.model_validate({"dataset": {"plugin": "ptb"}, "cell": {"plugin": "lstm"},
+                                   "module": {"plugin": "language_model"},
+                                   "trainer": {"max_epochs": 1, "accelerator": accelerator}})
+    trainer = runner.make_trainer(spec, callbacks=[Probe()], limit_train_batches=3, limit_val_batches=2)
+    trainer.fit(module, datamodule=dm)
+    assert [s[0] for s in seen] == ["train", "val"]
+    for _, device, streams, batch_device in seen:
+        assert streams and all(d == device for d in streams) and batch_device == device
+    # the windows are the same as read from the host
+    host = dm.train_dataloader().dataset
+    on_device = trainer.train_dataloader.dataset
+    for k in range(len(host)):
+        assert torch.equal(on_device[k][0].cpu(), host[k][0]) and torch.equal(on_device[k][1].cpu(), host[k][1])
 
 
 def test_tied_weights_share_one_matrix_that_both_ends_train(corpus):

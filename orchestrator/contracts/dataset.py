@@ -104,3 +104,9 @@ class StreamWindows(Dataset):
             raise IndexError(k)
         cols = slice(k * self.bptt, (k + 1) * self.bptt)
         return self.x[:, cols], self.y[:, cols]
+
+    def to(self, device: torch.device | str) -> StreamWindows:
+        """Move the whole stream to ``device`` once: each window is then a slice there, not a copy
+        from the host per step (orch does it for every stream a fit reads, on its device)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
