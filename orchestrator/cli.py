@@ -716,11 +716,11 @@ def _ui_experiment(target: str, uri: str) -> str:
 
     name, spec = target, None
     if target.endswith((".yaml", ".yml")):
-        from orchestrator.config import SpecError
-        from orchestrator.study import load_study
+        from orchestrator.config import SpecError, load_yaml
+        from orchestrator.study import parsed_study
 
         try:
-            spec = load_study(target)
+            spec = parsed_study(*load_yaml(target))  # its name and space: no plugin or GPU needed to look
         except SpecError as exc:
             fail(str(exc))
         name = spec.name

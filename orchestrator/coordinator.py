@@ -106,7 +106,8 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
             raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass "
                             "--trials/--timeout")
     slots = _slots(study, devices, workers_n or section.resources.workers, trials_per_device)
-    early = workers.Prestarted(slots)  # their imports overlap the opening of the study and its MLflow run
+    # their imports overlap the opening of the study and its MLflow run; no more than the budget can use
+    early = workers.Prestarted(slots[:budget] if create and budget is not None else slots)
     try:
         if create:
             joined = record.open_study(study, storage_url, create=True, tracking_uri=tracking_uri, budget=budget)
@@ -166,10 +167,11 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool, early: workers
     ran: set[str] = set()
 
     def start(slot):
-        p = early.start(slot, job)
-        if p is not None:
+        def track(p):  # tracked before it gets its job: a stop signal now still finds it
             procs[slot.index] = p
-        else:
+
+        p = early.start(slot, job, track)
+        if p is None:
             p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
             procs[slot.index] = p  # tracked before it runs: a stop signal now still finds it
             p.start()

@@ -32,6 +32,10 @@ class PluginInfo:
     status: str = "ok"
     error: str | None = None
     obj: type | None = field(default=None, repr=False)
+    #: a broken plugin's: the source files its error went through, and the module it found
+    #: missing, if that was the error (to notice when either is fixed)
+    files: tuple[str, ...] = field(default=(), repr=False)
+    missing: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "entry_point": self.value,
@@ -59,6 +63,8 @@ def _load(kind: str, group: str, ep: EntryPoint) -> PluginInfo:
     except Exception as exc:  # noqa: BLE001 - any failure of a plugin must stay the plugin's
         info.status = "broken"
         info.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        info.files = tuple(dict.fromkeys(frame.filename for frame in traceback.extract_tb(exc.__traceback__)))
+        info.missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
     return info
 
 

@@ -287,12 +287,15 @@ class Prestarted:
             self.cancel()
             raise
 
-    def start(self, slot: Slot, job: Job):
-        """The worker process of ``slot``, running ``job`` (``None`` if none was started early)."""
-        entry = self.waiting.pop(slot.index, None)
+    def start(self, slot: Slot, job: Job, track):
+        """The worker process of ``slot``, given ``track`` and then ``job`` (``None`` if none was
+        started early for it)."""
+        entry = self.waiting.get(slot.index)
         if entry is None:
             return None
         p, send = entry
+        track(p)
+        del self.waiting[slot.index]
         try:
             send.send(job)
         except OSError:
@@ -331,7 +334,7 @@ def early_main(jobs, slot: Slot, parent_pid: int) -> None:
             sys.exit(stopping.exit_code())
     try:
         job = jobs.recv()
-    except EOFError:
+    except (EOFError, OSError):  # no job: the coordinator closed the pipe, or died mid-message
         return
     finally:
         jobs.close()

@@ -125,8 +125,13 @@ print("torch imported" if "torch" in sys.modules else "torch not imported", file
 
 
 def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path):
-    root = fake_dist("thirdparty-cells", THIRD_PARTY, {"thirdparty_cells": CELLS_SRC})
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    # the cell imports a helper from a folder on the path that no distribution accounts for
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "thirdparty_helper.py").write_text("SIZE = 1\n")
+    root = fake_dist("thirdparty-cells", THIRD_PARTY,
+                     {"thirdparty_cells": "import thirdparty_helper\n" + CELLS_SRC})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(helpers), os.environ.get("PYTHONPATH", "")]),
            "ORCH_CACHE_DIR": str(tmp_path / "cache")}
 
     def listing():
@@ -140,7 +145,16 @@ def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path
     again, imported = listing()
     assert imported == "torch not imported"  # the cached listing: no plugin, torch or Lightning import
     assert again == first
-    # an edit that breaks the plugin is seen at once
+    # an edit of the helper that breaks the plugin is seen at once
+    (helpers / "thirdparty_helper.py").write_text("raise ImportError('no helper today')\n")
+    broken, imported = listing()
+    assert imported == "torch imported"
+    assert broken[("cells", "gru")]["status"] == "broken" and "no helper today" in broken[("cells", "gru")]["error"]
+    (helpers / "thirdparty_helper.py").write_text("SIZE = 1\n")
+    again, imported = listing()
+    assert imported == "torch imported" and again[("cells", "gru")] == first[("cells", "gru")]
+    assert {k: v["status"] for k, v in again.items()} == {k: v["status"] for k, v in first.items()}
+    # so is an edit of the plugin's own module
     (root / "thirdparty_cells.py").write_text(CELLS_SRC.replace("import torch", "import torch\nraise ImportError('no GRU today')"))
     broken, imported = listing()
     assert imported == "torch imported"
@@ -153,3 +167,8 @@ def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path
     more, imported = listing()
     assert imported == "torch imported" and more[("cells", "lstm2")]["distribution"] == "more-cells"
     assert {k: v for k, v in more.items() if k != ("cells", "lstm2")} == broken
+    # and a module a plugin found missing, once it appears
+    assert more[("cells", "missing")]["status"] == "broken" and listing()[1] == "torch not imported"
+    (helpers / "thirdparty_nowhere.py").write_text("from orch_plugins.cells import LSTMCell as Cell\n")
+    found, imported = listing()
+    assert imported == "torch imported" and found[("cells", "missing")]["status"] == "ok"

@@ -89,6 +89,9 @@ def _save(path: Path, data: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as out:
             torch.save(data, out)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # as any file the user writes (mkstemp's is private)
         os.replace(tmp, path)
     except (OSError, RuntimeError):  # a full or read-only disk: torch reports some as RuntimeError
         if tmp is not None:
@@ -214,6 +217,8 @@ class PTB(SequenceDataModule):
         try:
             saved = torch.load(cached, weights_only=True)
             vocab, ids, counts = saved["vocab"], saved["ids"], saved["counts"]
+            if set(ids) != set(SPLITS) or set(counts) != set(SPLITS):
+                raise ValueError(f"{cached} holds the splits {sorted(ids)}")
         except Exception:  # noqa: BLE001 - none yet, or cut or unreadable: it is only a cache, tokenize again
             vocab = None
         if vocab is None:
