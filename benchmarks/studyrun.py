@@ -10,11 +10,13 @@ import tempfile
 import time
 
 
-def study_run(study: str, *, workers: int, trials: int, overrides: list[str], inspect=None):
-    """``orch study run`` in a temporary directory; returns (its JSON summary, wall seconds, inspect(cwd))."""
+def study_run(study: str, *, workers: int | None, trials: int, overrides: list[str], inspect=None,
+              options: list[str] = ()):
+    """``orch study run`` in a temporary directory (``workers``: ``--workers``, CPU slots; ``options``:
+    more of its options); returns (its JSON summary, wall seconds, inspect(cwd))."""
     with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, "-m", "orchestrator.cli", "study", "run", study, "--workers", str(workers),
-               "--trials", str(trials)] + [a for o in overrides for a in ("--set", o)]
+        cmd = [sys.executable, "-m", "orchestrator.cli", "study", "run", study, "--trials", str(trials),
+               *(["--workers", str(workers)] if workers else []), *options] + [a for o in overrides for a in ("--set", o)]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=os.environ)
         wall = time.perf_counter() - t
