@@ -124,6 +124,45 @@ def test_sigterm_to_a_worker_interrupts_its_trial_and_the_retry_resumes_to_the_u
     assert not (tmp_path / "mlruns" / "checkpoints" / "tiny" / "trial-0").exists()  # done: nothing to resume
 
 
+def _ready_workers(pid: int) -> list[int]:
+    """The worker processes (multiprocessing spawn) of process ``pid`` that catch SIGTERM: their
+    stop handlers are in place (Python itself catches only SIGINT)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            caught = next(int(line.split()[1], 16) for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                          if line.startswith("SigCgt:"))
+        except (OSError, IndexError, StopIteration):
+            continue
+        if (int(stat[1]) == pid and stat[0] not in ("Z", "X") and b"spawn_main" in cmdline
+                and caught & (1 << (signal.SIGTERM - 1))):
+            found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_while_the_study_opens_stops_the_workers_started_early(tmp_path):
+    """The workers start, and import torch, Lightning and MLflow, while the coordinator still
+    opens the study: a Ctrl-C then stops them all, cleanly, with the coordinator."""
+    path = write(tmp_path / "tiny.yaml", echo_study(trials=2, space={"module.lr": {"type": "float", "low": 0.001,
+                                                                                    "high": 0.01}}))
+    proc = start("study", "run", path, "--workers", "2", cwd=tmp_path)
+    early = wait_for(lambda: len(_ready_workers(proc.pid)) >= 2 and _ready_workers(proc.pid),
+                     "the workers started early", timeout=60, proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group, the starting workers too
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    # reaped by the coordinator before it exited, not left to end on their own
+    assert not [p for p in early if Path(f"/proc/{p}").exists()]
+    assert live_in_group(proc.pid) == []  # (multiprocessing's resource tracker takes a moment to go)
+    if journal(tmp_path).exists():  # the study had been created: nothing is left running in it
+        study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal(tmp_path)))))
+        assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_study_run_stops_every_process_and_the_next_run_resumes(tmp_path, flaky, signum):
