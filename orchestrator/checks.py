@@ -10,12 +10,13 @@ so a plugin is checked once, not on every run.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from orchestrator import cache as cache_file
 from orchestrator import registry
+
+CHECKS = "plugin-checks.json"
 
 
 @dataclass
@@ -31,12 +32,6 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _cache_file() -> Path:
-    from orchestrator.listing import cache_dir
-
-    return cache_dir() / "plugin-checks.json"
 
 
 def _stamp(info: registry.PluginInfo) -> str:
@@ -61,7 +56,7 @@ def check(info: registry.PluginInfo, settings: dict | None = None, cache: bool =
         verdict.fix = "fix the import error or the entry point (see the error)"
         return verdict
     key = _stamp(info)
-    store = _load_cache() if cache and info.kind != "datasets" else {}
+    store = (cache_file.read(CHECKS) or {}) if cache and info.kind != "datasets" else {}
     if key in store:
         return Verdict(**store[key])
     try:
@@ -80,26 +75,8 @@ def check(info: registry.PluginInfo, settings: dict | None = None, cache: bool =
             verdict.status, verdict.rule, verdict.detail, verdict.fix = "failed", exc.rule, exc.detail, exc.fix
     if cache and info.kind != "datasets" and verdict.status in ("ok", "failed"):
         store[key] = verdict.as_dict()
-        _save_cache(store)
+        cache_file.write(CHECKS, store)
     return verdict
-
-
-def _load_cache() -> dict:
-    try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_cache(store: dict) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache that cannot be written only costs a check next time
 
 
 def refuse_broken(spec, datamodule=None, also: dict[str, set[str]] | None = None) -> None:

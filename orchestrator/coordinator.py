@@ -167,13 +167,13 @@ def _supervise(job, slots, ostudy, mlf, budget, echo, live: bool, early: workers
     ran: set[str] = set()
 
     def start(slot):
-        def track(p):  # tracked before it gets its job: a stop signal now still finds it
+        def track(p):  # tracked before it runs or gets its job: a stop signal now still finds it
             procs[slot.index] = p
 
         p = early.start(slot, job, track)
         if p is None:
             p = ctx.Process(target=workers.worker_main, args=(job, slot), name=f"orch-worker-{slot.index}")
-            procs[slot.index] = p  # tracked before it runs: a stop signal now still finds it
+            track(p)
             p.start()
         ran.add(claims.worker_id(p.pid))
 

@@ -13,27 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import socket
 import sys
 import sysconfig
-import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from orchestrator import registry
+from orchestrator import cache, registry
 from orchestrator.contracts import KINDS
 
 
 INSTALLED = (".dist-info", ".egg-info", ".egg-link", ".pth")
-
-
-def cache_dir() -> Path:
-    """orch's user cache (``$ORCH_CACHE_DIR`` if set): plugin listings and check results."""
-    import platformdirs
-
-    return Path(os.environ.get("ORCH_CACHE_DIR") or platformdirs.user_cache_dir("orch"))
+LISTING = "plugin-list.json"
 
 
 def _files(top: str) -> list[str]:
@@ -47,14 +39,7 @@ def _files(top: str) -> list[str]:
         return [f"{top}: absent"]
     paths = [Path(p) for p in (spec.submodule_search_locations or [])]
     files = [p for d in paths for p in sorted(d.rglob("*.py"))] if paths else [Path(spec.origin or "")]
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-            out.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-        except OSError:
-            out.append(f"{f}: unreadable")
-    return out
+    return [f"{f}:{_signature(f)}" for f in files]
 
 
 def _installed(entry: str) -> list[str]:
@@ -116,37 +101,23 @@ def _loaded_files(before: set[str], found: list[registry.PluginInfo]) -> dict[st
     return files
 
 
-def _file() -> Path:
-    return cache_dir() / "plugin-list.json"
-
-
 def listing(refresh: bool = False) -> list[registry.PluginInfo]:
     """Every plugin of every kind as :func:`registry.discover_all` finds it (without ``obj``),
     from the cache when nothing it depends on changed; ``refresh``: load them all regardless."""
     key = stamp()
     if not refresh:
         try:
-            saved = json.loads(_file().read_text())
+            saved = cache.read(LISTING) or {}
             if (saved.get("stamp") == key and all(_signature(f) == sig for f, sig in saved["files"].items())
                     and not any(_findable(name) for name in saved["missing"])):
                 return [_info(row) for row in saved["plugins"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no cache, or an unreadable one: load the plugins
+        except (KeyError, TypeError, AttributeError):
+            pass  # a cache written by another orch, or edited by hand: load the plugins
     before = set(sys.modules)
     found = registry.discover_all(refresh=refresh)
     data = {"stamp": key, "files": _loaded_files(before, found), "plugins": [p.as_dict() for p in found],
             "missing": sorted({p.missing for p in found if p.missing})}
-    tmp = None
-    try:
-        path = _file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1)
-        os.replace(tmp, path)
-    except OSError:  # a cache that cannot be written only costs the imports next time
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    cache.write(LISTING, data)  # a cache that cannot be written only costs the imports next time
     return found
 
 
