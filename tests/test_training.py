@@ -192,6 +192,46 @@ def test_every_stream_a_fit_reads_is_on_the_module_s_device(corpus, accelerator)
         assert torch.equal(on_device[k][0].cpu(), host[k][0]) and torch.equal(on_device[k][1].cpu(), host[k][1])
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs capture CUDA kernels only"))])
+@pytest.mark.parametrize("cell_cls", ["lstm", "diy_lstm"])
+def test_cuda_graphed_windows_train_as_eager_ones(corpus, accelerator, cell_cls):
+    """Two epochs with the state carried, the last window of each shorter: the losses with the
+    window replayed as a CUDA graph are those of eager training (on a CPU nothing is captured)."""
+    from orch_plugins.cells import DIYLSTMCell
+
+    folder, sums = corpus
+    dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, bptt=9)
+    info = dm.describe()
+    windows = len(dm.train_dataloader())
+    assert dm.train_dataloader().dataset[windows - 1][0].shape[1] < 9  # the last window is shorter
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        cell = CellSpec(cell_cls, {"lstm": LSTMCell, "diy_lstm": DIYLSTMCell}[cell_cls],
+                        {"hidden_size": 16, "num_layers": 2})
+        module = LanguageModel(cell=cell, info=info, init_scale=0.1, cuda_graphs=graphs)
+        losses = []
+
+        class Record(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                losses.append(float(outputs["loss"]) / batch[0].shape[1])
+
+        spec = RunSpec.model_validate({"dataset": {"plugin": "ptb"}, "cell": {"plugin": cell_cls},
+                                       "module": {"plugin": "language_model"},
+                                       "trainer": {"max_epochs": 2, "accelerator": accelerator}})
+        trainer = runner.make_trainer(spec, callbacks=[Record()], limit_val_batches=0, enable_progress_bar=False)
+        trainer.fit(module, datamodule=dm)
+        runs[graphs] = (losses, module)
+    assert len(runs[True][0]) == len(runs[False][0]) == 2 * windows
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), atol=2e-4, rtol=1e-4)
+    graphed = runs[True][1]._graphs
+    if accelerator == "gpu":
+        assert graphed is not None and graphed.failed is None and len(graphed._graphs) == 1
+    else:
+        assert graphed is None
+
+
 def test_tied_weights_share_one_matrix_that_both_ends_train(corpus):
     folder, sums = corpus
     dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, bptt=7)
