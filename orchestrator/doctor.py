@@ -1,0 +1,228 @@
+"""``orch doctor``: the environment on one screen, for a bug report and for the first checks.
+
+Each finding is a row: a section, a name, what was found, and a status. ``fail`` means the main
+job (``orch study run studies/ptb.yaml``) cannot run as things are, and the row carries the fix in
+one line; ``warn`` is worth knowing but does not stop it (no GPU: the study takes a CPU slot).
+Passwords in storage and tracking URLs are never shown.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: the distributions shown even when they are fine (every requirement of orch is checked)
+SHOWN = ("torch", "pytorch-lightning", "optuna", "mlflow", "sqlalchemy")
+#: the plugins the main job needs
+MAIN_JOB_PLUGINS = {("datasets", "ptb"), ("cells", "lstm"), ("cells", "diy_lstm"), ("modules", "language_model")}
+
+
+@dataclass
+class Finding:
+    section: str
+    name: str
+    value: str
+    status: str = "ok"  # ok | warn | fail
+    fix: str | None = None
+
+
+def _requirements() -> list[Finding]:
+    """orch's declared dependencies against what is installed."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    found = []
+    for line in metadata.requires("orch") or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra (dev, ...)
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            found.append(Finding("packages", req.name, "not installed", "fail",
+                                 f'pip install "{req.name}{req.specifier}"'))
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            found.append(Finding("packages", req.name, f"{version} (orch needs {req.specifier})", "fail",
+                                 f'pip install "{req.name}{req.specifier}"'))
+        elif req.name.lower() in SHOWN:
+            found.append(Finding("packages", req.name, version))
+    return found
+
+
+def _torch() -> list[Finding]:
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 - a broken install is what the doctor is for
+        return [Finding("torch", "import", f"{type(exc).__name__}: {exc}", "fail",
+                        'reinstall PyTorch: pip install "torch>=2.11,<3" (a CUDA build from pytorch.org for GPUs)')]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    found = [Finding("torch", "build", f"{torch.__version__} ({build}; cuDNN {cudnn or 'none'})")]
+    driver = _driver_version()
+    if driver:
+        found.append(Finding("torch", "NVIDIA driver", driver))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            found.append(Finding("torch", f"GPU {i}", f"{p.name}, {p.total_memory / 2**30:.1f} GiB"))
+    else:
+        why = "this PyTorch has no CUDA" if not torch.version.cuda else "CUDA sees no GPU"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            why += f" (CUDA_VISIBLE_DEVICES={visible!r})"
+        found.append(Finding("torch", "GPUs", f"none: {why}; trials take CPU slots", "warn"))
+    return found
+
+
+def _driver_version() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def _data() -> list[Finding]:
+    from orch_plugins.datasets.ptb import PTB, PTB_SHA256, SPLITS, sha256_of
+
+    folder, source = PTB()._folder()
+    where = f"{folder} (from {source})" if source else f"{folder} (orch's user cache)"
+    bad = []
+    for name in SPLITS.values():
+        path = folder / name
+        if not path.is_file():
+            bad.append(f"{name} missing")
+        elif sha256_of(path.read_bytes()) != PTB_SHA256[name]:
+            bad.append(f"{name} fails its SHA-256")
+    if not bad:
+        return [Finding("data", "ptb", f"{where}: 3 files, checksums verified")]
+    if source is None and all(b.endswith("missing") for b in bad):
+        return [Finding("data", "ptb", f"{where}: not there yet; downloaded and verified on first use", "warn",
+                        "set ORCH_DATA_DIR to a folder whose ptb/ subfolder holds the files, where there is no internet")]
+    fix = (f"put ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's split) in {folder}"
+           + (", or point ORCH_DATA_DIR elsewhere" if source == "ORCH_DATA_DIR" else ", or delete them to download again"))
+    return [Finding("data", "ptb", f"{where}: {', '.join(bad)}", "fail", fix)]
+
+
+def _writable(path: Path) -> str | None:
+    """Why a file could not be created at ``path`` (its folders made as needed), or None."""
+    probe = path.parent
+    while not probe.exists():
+        if probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as exc:
+        return f"cannot write in {probe}: {exc.strerror or exc}"
+    return None
+
+
+def _database(url: str) -> str | None:
+    """Why the SQLAlchemy database at ``url`` cannot be opened, or None."""
+    import sqlalchemy
+
+    args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=args)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any driver's error is the finding
+        return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return None
+
+
+def _storage(given: str | None) -> list[Finding]:
+    from orchestrator.secrets import redact, redact_url
+    from orchestrator.study import default_storage_url
+
+    url = given or os.environ.get("ORCH_STORAGE") or default_storage_url("<study>")
+    origin = "--storage" if given else "$ORCH_STORAGE" if os.environ.get("ORCH_STORAGE") else "default"
+    if url.startswith("journal:"):
+        problem = _writable(Path(url[len("journal:"):]).expanduser())
+    elif url.startswith("sqlite:///"):
+        problem = _writable(Path(url[len("sqlite:///"):]).expanduser())
+    else:
+        problem = _database(url)
+    shown = f"{redact_url(url)} ({origin})"
+    if problem:
+        return [Finding("storage", "Optuna storage", f"{shown}: {redact(problem)}", "fail",
+                        "pass --storage (or set $ORCH_STORAGE) to a storage this machine can write, or fix the one named")]
+    return [Finding("storage", "Optuna storage", f"{shown}: writable")]
+
+
+def _tracking(given: str | None) -> list[Finding]:
+    from orchestrator import tracking
+    from orchestrator.config import SpecError
+    from orchestrator.secrets import redact, redact_url
+
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
+    origin = "--tracking-uri" if given else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "default"
+    shown = f"{redact_url(uri)} ({origin})"
+    problem = None
+    if uri.startswith(("http://", "https://")):
+        try:
+            tracking.check_reachable(uri, timeout=5)
+        except SpecError as exc:
+            problem = str(exc)
+    elif uri.startswith("sqlite:///"):
+        problem = _writable(Path(uri[len("sqlite:///"):]).expanduser())
+    elif "://" in uri and not uri.startswith("file:"):
+        problem = _database(uri)
+    else:
+        problem = _writable(Path(uri.removeprefix("file://")).expanduser() / "mlflow.db")
+    if problem:
+        return [Finding("tracking", "MLflow tracking", f"{shown}: {redact(problem)}", "fail",
+                        "start the tracking server, or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to one that answers")]
+    state = "reachable" if uri.startswith(("http://", "https://")) else "writable"
+    return [Finding("tracking", "MLflow tracking", f"{shown}: {state}")]
+
+
+def _plugins() -> list[Finding]:
+    from orchestrator.listing import listing
+
+    found, plugins = [], listing()
+    for p in plugins:
+        needed = (p.kind, p.name) in MAIN_JOB_PLUGINS
+        if p.status == "ok":
+            found.append(Finding("plugins", f"{p.kind[:-1]} {p.name}", f"{p.distribution} {p.version}"))
+        else:
+            found.append(Finding("plugins", f"{p.kind[:-1]} {p.name}", f"broken: {p.error}",
+                                 "fail" if needed else "warn",
+                                 f"reinstall {p.distribution}, or see `orch plugins check {p.name}`"))
+    missing = sorted(f"{k[:-1]} {n}" for k, n in MAIN_JOB_PLUGINS - {(p.kind, p.name) for p in plugins})
+    for name in missing:
+        found.append(Finding("plugins", name, "not installed", "fail", "reinstall orch: pip install -e ."))
+    return found
+
+
+def collect(storage: str | None = None, tracking_uri: str | None = None) -> list[Finding]:
+    """Every finding, section by section."""
+    from orchestrator import __version__
+
+    found = [Finding("orch", "version", f"{__version__} ({Path(__file__).resolve().parent})"),
+             Finding("orch", "Python", f"{platform.python_version()} ({sys.executable})"),
+             Finding("orch", "platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs")]
+    for part in (_requirements, _torch, _data, lambda: _storage(storage), lambda: _tracking(tracking_uri),
+                 _plugins):
+        found += part()
+    return found
+
+
+def as_dicts(found: list[Finding]) -> list[dict]:
+    return [asdict(f) for f in found]
