@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-KEY = ("optuna", "mlflow", "pytorch-lightning")
+KEY = ("optuna", "mlflow", "pytorch-lightning", "sqlalchemy")
 
 deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
 for dep in deps:

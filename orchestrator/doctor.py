@@ -38,8 +38,13 @@ def _requirements() -> list[Finding]:
 
     from packaging.requirements import Requirement
 
+    try:
+        required = metadata.requires("orch") or []
+    except metadata.PackageNotFoundError:
+        return [Finding("packages", "orch", "not installed as a package: its requirements are not checked", "warn",
+                        'pip install -e . (in the checkout)')]
     found = []
-    for line in metadata.requires("orch") or []:
+    for line in required:
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue  # an extra (dev, ...)
@@ -117,7 +122,14 @@ def _data() -> list[Finding]:
 
 
 def _writable(path: Path) -> str | None:
-    """Why a file could not be created at ``path`` (its folders made as needed), or None."""
+    """Why a file could not be created or appended to at ``path`` (its folders made as needed), or
+    None. Nothing is left behind: an existing file is opened for appending and closed unchanged."""
+    if path.is_file():
+        try:
+            open(path, "ab").close()
+        except OSError as exc:
+            return f"cannot write {path}: {exc.strerror or exc}"
+        return None
     probe = path.parent
     while not probe.exists():
         if probe == probe.parent:
@@ -143,11 +155,13 @@ def _database(url: str) -> str | None:
             conn.execute(sqlalchemy.text("SELECT 1"))
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any driver's error is the finding
-        return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
     return None
 
 
 def _storage(given: str | None) -> list[Finding]:
+    from orchestrator.locks import sqlalchemy_url
     from orchestrator.secrets import redact, redact_url
     from orchestrator.study import default_storage_url
 
@@ -158,12 +172,13 @@ def _storage(given: str | None) -> list[Finding]:
     elif url.startswith("sqlite:///"):
         problem = _writable(Path(url[len("sqlite:///"):]).expanduser())
     else:
-        problem = _database(url)
+        problem = _database(sqlalchemy_url(url))  # as orch opens it (postgres:// with psycopg 3)
     shown = f"{redact_url(url)} ({origin})"
     if problem:
         return [Finding("storage", "Optuna storage", f"{shown}: {redact(problem)}", "fail",
                         "pass --storage (or set $ORCH_STORAGE) to a storage this machine can write, or fix the one named")]
-    return [Finding("storage", "Optuna storage", f"{shown}: writable")]
+    file_based = url.startswith(("journal:", "sqlite:///"))
+    return [Finding("storage", "Optuna storage", f"{shown}: {'writable' if file_based else 'answers'}")]
 
 
 def _tracking(given: str | None) -> list[Finding]:
@@ -189,7 +204,8 @@ def _tracking(given: str | None) -> list[Finding]:
     if problem:
         return [Finding("tracking", "MLflow tracking", f"{shown}: {redact(problem)}", "fail",
                         "start the tracking server, or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to one that answers")]
-    state = "reachable" if uri.startswith(("http://", "https://")) else "writable"
+    state = ("reachable" if uri.startswith(("http://", "https://")) else
+             "writable" if uri.startswith("sqlite:///") or "://" not in uri or uri.startswith("file:") else "answers")
     return [Finding("tracking", "MLflow tracking", f"{shown}: {state}")]
 
 
@@ -214,13 +230,19 @@ def _plugins() -> list[Finding]:
 def collect(storage: str | None = None, tracking_uri: str | None = None) -> list[Finding]:
     """Every finding, section by section."""
     from orchestrator import __version__
+    from orchestrator.secrets import describe
 
     found = [Finding("orch", "version", f"{__version__} ({Path(__file__).resolve().parent})"),
              Finding("orch", "Python", f"{platform.python_version()} ({sys.executable})"),
              Finding("orch", "platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs")]
-    for part in (_requirements, _torch, _data, lambda: _storage(storage), lambda: _tracking(tracking_uri),
-                 _plugins):
-        found += part()
+    parts = {"packages": _requirements, "torch": _torch, "data": _data, "storage": lambda: _storage(storage),
+             "tracking": lambda: _tracking(tracking_uri), "plugins": _plugins}
+    for section, part in parts.items():
+        try:
+            found += part()
+        except Exception as exc:  # noqa: BLE001 - a check that breaks is itself the finding
+            found.append(Finding(section, "check", f"could not be checked: {describe(exc)}", "fail",
+                                 "see the error; `orch doctor --json` output belongs in a bug report"))
     return found
 
 

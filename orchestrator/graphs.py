@@ -27,6 +27,7 @@ Measured on an H200 (``benchmarks/fastpath.py``, 2026-11-26): a PTB epoch of the
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -36,8 +37,9 @@ from torch.utils import _pytree as pytree
 class _Window(nn.Module):
     """``(x, y, *state) -> (mean loss, *state)`` of a module, as the callable that is captured.
 
-    The module is held as a child so that its parameters are the graph's parameters; the
-    ``_Window`` itself is never registered inside the module (that would be a cycle).
+    The module is held as a child so that its parameters are the graph's parameters. The module
+    holds the graphs in turn (a reference cycle): :meth:`SequenceModule.on_fit_end` drops them, so
+    the graph's memory pool is freed with the fit that made it, not at the next garbage collection.
     """
 
     def __init__(self, module, treedef, autocast_dtype):
@@ -59,8 +61,9 @@ class WindowGraphs:
     """The captured training windows of one module, one per window shape (in practice: one)."""
 
     def __init__(self, module):
-        self._module_ref = [module]  # a list, not an attribute nn.Module would register
+        self._module_ref = weakref.ref(module)  # not an attribute nn.Module would register
         self._graphs: dict[tuple, nn.Module] = {}
+        self._addresses: tuple[int, ...] = ()  # of the parameters the graphs read and write
         self.failed: str | None = None
         self.width = 0  # the widest window seen: narrower ones are an epoch's last, run eagerly
 
@@ -69,6 +72,10 @@ class WindowGraphs:
         if not x.is_cuda or self.failed is not None or x.shape[1] < self.width:
             return False
         self.width = x.shape[1]
+        addresses = tuple(p.data_ptr() for p in self._module_ref().parameters())
+        if addresses != self._addresses:  # the parameters moved (.to(), a reload): the graphs point at old memory
+            self._graphs.clear()
+            self._addresses = addresses
         return True
 
     def step(self, x: torch.Tensor, y: torch.Tensor, state):
@@ -85,7 +92,7 @@ class WindowGraphs:
         return out[0], pytree.tree_unflatten(list(out[1:]), treedef)
 
     def _capture(self, key, x, y, flat, treedef):
-        module = self._module_ref[0]
+        module = self._module_ref()
         dtype = key[-1] or None
         window = _Window(module, treedef, dtype)
         # the sample tensors become the graph's static inputs, which every replay overwrites: copies,

@@ -66,6 +66,7 @@ def test_a_missing_dataset_is_a_failure_with_its_fix(tmp_path):
 def test_an_unwritable_store_is_a_failure_with_its_fix(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the store's folder must go\n")  # refused even to root
+    before = sorted(p for p in tmp_path.rglob("*") if "cache" not in p.parts)
     proc, report = doctor(tmp_path, "--storage", f"journal:{blocker}/optuna/ptb.journal",
                           "--tracking-uri", f"sqlite:///{blocker}/mlflow.db",
                           env={"ORCH_DATA_DIR": data_root()})
@@ -73,7 +74,22 @@ def test_an_unwritable_store_is_a_failure_with_its_fix(tmp_path):
     for section in ("storage", "tracking"):
         f = finding(report, section)
         assert f["status"] == "fail" and f"{blocker} is not a folder" in f["value"] and f["fix"]
-    assert not (blocker.is_dir())  # looking wrote nothing
+    # looking wrote nothing (orch's cache aside): no folder, no journal, no database, the file unchanged
+    assert sorted(p for p in tmp_path.rglob("*") if "cache" not in p.parts) == before
+    assert blocker.read_text() == "a file where the store's folder must go\n"
+
+
+def test_a_postgresql_storage_is_opened_as_orch_opens_it(tmp_path):
+    """postgresql:// and postgres:// (psycopg 3, as orch's storages use them) both answer."""
+    from conftest import PG_ADMIN, _pg_admin
+
+    _pg_admin()  # skips without a server (a failure under .ci/run)
+    rest = PG_ADMIN.split("://", 1)[1]
+    for scheme in ("postgresql", "postgres"):
+        proc, report = doctor(tmp_path, "--storage", f"{scheme}://{rest}", env={"ORCH_DATA_DIR": data_root()})
+        storage = finding(report, "storage")
+        assert storage["status"] == "ok" and storage["value"].endswith("(--storage): answers"), storage
+        assert proc.returncode == 0
 
 
 def test_an_unreachable_tracking_server_is_a_failure_and_no_password_is_shown(tmp_path):
@@ -92,6 +108,12 @@ def test_an_unreachable_tracking_server_is_a_failure_and_no_password_is_shown(tm
     assert "start the tracking server" in tracking["fix"]
     assert finding(report, "storage")["status"] == "fail"
     assert secret not in proc.stdout + proc.stderr and "***" in proc.stdout
+    # an address that cannot even be parsed is a finding too, not a traceback
+    proc, report = doctor(tmp_path, "--tracking-uri", f"http://alice:{secret}@127.0.0.1:99999",
+                          env={"ORCH_DATA_DIR": data_root()})
+    tracking = finding(report, "tracking")
+    assert proc.returncode == 1 and tracking["status"] == "fail" and "Traceback" not in proc.stderr
+    assert secret not in proc.stdout + proc.stderr
 
 
 def _stand_in(site: Path, name: str, version: str) -> None:

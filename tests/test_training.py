@@ -196,12 +196,15 @@ def test_every_stream_a_fit_reads_is_on_the_module_s_device(corpus, accelerator)
     not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs capture CUDA kernels only"))])
 @pytest.mark.parametrize("cell_cls", ["lstm", "diy_lstm"])
 def test_cuda_graphed_windows_train_as_eager_ones(corpus, accelerator, cell_cls):
-    """Two epochs with the state carried, the last window of each shorter: the losses with the
-    window replayed as a CUDA graph are those of eager training (on a CPU nothing is captured)."""
+    """Two fits of the same module, two epochs each with validation between them, the state carried,
+    the last window of each epoch shorter: the losses with the windows replayed as a CUDA graph are
+    those of eager training (on a CPU nothing is captured). The second fit starts after Lightning
+    has moved the module off the GPU and back: its graph must be captured again, never replayed
+    against the first fit's parameter memory."""
     from orch_plugins.cells import DIYLSTMCell
 
     folder, sums = corpus
-    dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, bptt=9)
+    dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, eval_batch_size=3, bptt=9)
     info = dm.describe()
     windows = len(dm.train_dataloader())
     assert dm.train_dataloader().dataset[windows - 1][0].shape[1] < 9  # the last window is shorter
@@ -211,25 +214,35 @@ def test_cuda_graphed_windows_train_as_eager_ones(corpus, accelerator, cell_cls)
         cell = CellSpec(cell_cls, {"lstm": LSTMCell, "diy_lstm": DIYLSTMCell}[cell_cls],
                         {"hidden_size": 16, "num_layers": 2})
         module = LanguageModel(cell=cell, info=info, init_scale=0.1, cuda_graphs=graphs)
-        losses = []
+        losses, val, captured = [], [], []
 
         class Record(pl.Callback):
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 losses.append(float(outputs["loss"]) / batch[0].shape[1])
 
+            def on_train_epoch_end(self, trainer, module):
+                held = module._graphs
+                captured.append(None if held is None else (held.failed, len(held._graphs)))
+
+            def on_validation_end(self, trainer, module):
+                val.append(float(trainer.callback_metrics["val_loss"]))
+
         spec = RunSpec.model_validate({"dataset": {"plugin": "ptb"}, "cell": {"plugin": cell_cls},
                                        "module": {"plugin": "language_model"},
                                        "trainer": {"max_epochs": 2, "accelerator": accelerator}})
-        trainer = runner.make_trainer(spec, callbacks=[Record()], limit_val_batches=0, enable_progress_bar=False)
-        trainer.fit(module, datamodule=dm)
-        runs[graphs] = (losses, module)
-    assert len(runs[True][0]) == len(runs[False][0]) == 2 * windows
+        for _ in range(2):
+            trainer = runner.make_trainer(spec, callbacks=[Record()], limit_val_batches=2, num_sanity_val_steps=0,
+                                          enable_progress_bar=False)
+            trainer.fit(module, datamodule=dm)
+            assert module._graphs is None  # dropped with the fit, and its memory with it
+        runs[graphs] = (losses, val, captured)
+    # on a GPU, one graph in each epoch of each fit and no failed capture; on a CPU, none at all
+    assert runs[True][2] == ([(None, 1)] * 4 if accelerator == "gpu" else [None] * 4)
+    assert runs[False][2] == [None] * 4
+    assert len(runs[True][0]) == len(runs[False][0]) == 2 * 2 * windows and len(runs[True][1]) == 4
     torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), atol=2e-4, rtol=1e-4)
-    graphed = runs[True][1]._graphs
-    if accelerator == "gpu":
-        assert graphed is not None and graphed.failed is None and len(graphed._graphs) == 1
-    else:
-        assert graphed is None
+    torch.testing.assert_close(torch.tensor(runs[True][1]), torch.tensor(runs[False][1]), atol=2e-4, rtol=1e-4)
+    assert runs[True][0][-1] < runs[True][0][0]  # and it learns
 
 
 def test_tied_weights_share_one_matrix_that_both_ends_train(corpus):

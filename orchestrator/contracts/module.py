@@ -185,8 +185,11 @@ class SequenceModule(pl.LightningModule):
         :meth:`run_batch`; ``None`` where the window runs eagerly."""
         if self.info.layout != "stream" or not x.is_cuda:
             return None
-        if getattr(self._trainer, "accumulate_grad_batches", 1) != 1:
-            return None  # the graph's gradient buffers are reused by the next replay
+        if getattr(self._trainer, "accumulate_grad_batches", 1) != 1 or \
+                type(self).optimizer_zero_grad is not pl.LightningModule.optimizer_zero_grad:
+            # a parameter's .grad is the graph's gradient buffer, rewritten by the next replay: it must
+            # be set to None between steps (Lightning's default), never kept or zeroed in place
+            return None
         if self._graphs is None:
             from orchestrator.graphs import WindowGraphs
 
@@ -199,6 +202,17 @@ class SequenceModule(pl.LightningModule):
         loss, state = out
         self._states["train"] = detach_state(state)
         return loss
+
+    def on_fit_start(self) -> None:
+        self._graphs = None  # captured for this fit's device and parameters only
+
+    def on_fit_end(self) -> None:
+        self._graphs = None  # frees the graphs' memory pool with the fit
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_graphs"] = None  # a copy or a pickle never shares (or carries) the captured graphs
+        return state
 
     def _check_finite(self) -> None:
         value = float(self._train_loss_sum)
