@@ -1,5 +1,6 @@
-"""`orch doctor` in real processes: what it reports, its fixes, its exit code, and no password shown;
-and the declared dependency ranges keep an installed PyTorch."""
+"""`orch doctor`: what it reports, its fixes, its exit code, and no password shown (in this process
+through click's runner, and once as a real process); and the declared dependency ranges keep an
+installed PyTorch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import orch, shared_ptb_dir
+from orchestrator.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,10 +26,23 @@ def data_root() -> str:
     return str(found.parent)
 
 
-def doctor(tmp_path, *args, env=None):
-    proc = orch("doctor", "--json", *args, cwd=tmp_path, env={"ORCH_CACHE_DIR": str(tmp_path / "cache"), **(env or {})},
-                timeout=120)
-    return proc, json.loads(proc.stdout)
+class Ran:
+    def __init__(self, result):
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+
+def doctor(tmp_path, *args, env=None, table=False):
+    """``orch doctor [--json] ARGS`` run from ``tmp_path``: (its result, the parsed JSON unless ``table``)."""
+    here = os.getcwd()
+    os.chdir(tmp_path)  # the default storage and tracking store are under the working directory
+    try:
+        result = CliRunner().invoke(main, ["doctor", *([] if table else ["--json"]), *args], env={
+            "ORCH_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200", **(env or {})})
+    finally:
+        os.chdir(here)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.output
+    ran = Ran(result)
+    return ran, None if table else json.loads(ran.stdout)
 
 
 def finding(report, section):
@@ -42,7 +58,7 @@ def test_a_ready_machine_passes_and_names_its_versions(tmp_path):
     assert "writable" in finding(report, "storage")["value"] and "writable" in finding(report, "tracking")["value"]
     plugins = {f["name"]: f["status"] for f in report["findings"] if f["section"] == "plugins"}
     assert plugins["dataset ptb"] == plugins["cell lstm"] == plugins["module language_model"] == "ok"
-    # the table form says the same, and that it is ready
+    # the table form, as a real process, says the same, and that it is ready
     table = orch("doctor", cwd=tmp_path, env={"ORCH_DATA_DIR": data_root(),
                                               "ORCH_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"})
     assert table.returncode == 0 and "ready for the main job" in table.stdout and "pytorch-lightning" in table.stdout
@@ -58,8 +74,7 @@ def test_a_missing_dataset_is_a_failure_with_its_fix(tmp_path):
     assert data["status"] == "fail"
     assert "ptb.train.txt fails its SHA-256" in data["value"] and "ptb.valid.txt missing" in data["value"]
     assert str(empty / "ptb") in data["fix"] and "ORCH_DATA_DIR" in data["fix"]
-    table = orch("doctor", cwd=tmp_path, env={"ORCH_DATA_DIR": str(empty), "ORCH_CACHE_DIR": str(tmp_path / "cache"),
-                                              "COLUMNS": "200"})
+    table, _ = doctor(tmp_path, env={"ORCH_DATA_DIR": str(empty)}, table=True)
     assert table.returncode == 1 and "stop the main job" in table.stdout and "fail data ptb: put" in table.stdout
 
 
