@@ -124,6 +124,7 @@ print("torch imported" if "torch" in sys.modules else "torch not imported", file
 """
 
 
+@pytest.mark.slow  # seven real `orch plugins list` processes, about 27 s
 def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path):
     # the cell imports a helper from a folder on the path that no distribution accounts for
     helpers = tmp_path / "helpers"
