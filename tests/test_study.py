@@ -106,8 +106,11 @@ def running_hang_trial(tmp_path, name="tiny", searched=True):
         time.sleep(0.5)
         if not journal.exists():
             continue
-        study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(journal))))
+        try:
+            study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(journal))))
+        except KeyError:  # the journal file is there, the study's record not yet
+            continue
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             hangs = t.params.get("module.mode") == "hang" if searched else True
             if hangs and "orch.mlflow_run_id" in t.user_attrs:
