@@ -1,5 +1,6 @@
-"""orch's user cache: small JSON files (the plugin listing, plugin check results) that only save
-work, so a missing, unreadable or unwritable one costs that work again and nothing else."""
+"""orch's user cache: files that only save work (the plugin listing and plugin check results as
+JSON, ptb's tokenised corpus as tensors), so a missing, unreadable or unwritable one costs that
+work again and nothing else."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
 def cache_dir() -> Path:
@@ -25,16 +26,31 @@ def read(name: str) -> Any:
         return None
 
 
+def path(name: str) -> Path:
+    """Where the cache keeps ``name`` (a relative path)."""
+    return cache_dir() / name
+
+
 def write(name: str, value: Any) -> None:
-    """Keep ``value`` as ``name``, atomically (readers see the old file or the new one, whole)."""
-    path = cache_dir() / name
+    """Keep the JSON of ``value`` as ``name``."""
+    save(name, lambda out: out.write(json.dumps(value, indent=1).encode()))
+
+
+def save(name: str, dump: Callable[[BinaryIO], Any], errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+    """Keep what ``dump`` writes to a binary file as ``name``, atomically (readers see the old file
+    or the new one, whole), readable as any file the user writes. ``errors`` raised on the way (a
+    full or read-only disk) leave the cache as it was."""
+    target = path(name)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "w") as out:
-            json.dump(value, out, indent=1)
-        os.replace(tmp, path)
-    except OSError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        with os.fdopen(fd, "wb") as out:
+            dump(out)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's file is private
+        os.replace(tmp, target)
+    except errors:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

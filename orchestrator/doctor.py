@@ -168,17 +168,16 @@ def _storage(given: str | None) -> list[Finding]:
     url = given or os.environ.get("ORCH_STORAGE") or default_storage_url("<study>")
     origin = "--storage" if given else "$ORCH_STORAGE" if os.environ.get("ORCH_STORAGE") else "default"
     if url.startswith("journal:"):
-        problem = _writable(Path(url[len("journal:"):]).expanduser())
+        problem, state = _writable(Path(url[len("journal:"):]).expanduser()), "writable"
     elif url.startswith("sqlite:///"):
-        problem = _writable(Path(url[len("sqlite:///"):]).expanduser())
+        problem, state = _writable(Path(url[len("sqlite:///"):]).expanduser()), "writable"
     else:
-        problem = _database(sqlalchemy_url(url))  # as orch opens it (postgres:// with psycopg 3)
+        problem, state = _database(sqlalchemy_url(url)), "answers"  # opened as orch opens it (postgres://)
     shown = f"{redact_url(url)} ({origin})"
     if problem:
         return [Finding("storage", "Optuna storage", f"{shown}: {redact(problem)}", "fail",
                         "pass --storage (or set $ORCH_STORAGE) to a storage this machine can write, or fix the one named")]
-    file_based = url.startswith(("journal:", "sqlite:///"))
-    return [Finding("storage", "Optuna storage", f"{shown}: {'writable' if file_based else 'answers'}")]
+    return [Finding("storage", "Optuna storage", f"{shown}: {state}")]
 
 
 def _tracking(given: str | None) -> list[Finding]:
@@ -189,23 +188,21 @@ def _tracking(given: str | None) -> list[Finding]:
     uri = given or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
     origin = "--tracking-uri" if given else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "default"
     shown = f"{redact_url(uri)} ({origin})"
-    problem = None
     if uri.startswith(("http://", "https://")):
+        problem, state = None, "reachable"
         try:
             tracking.check_reachable(uri, timeout=5)
         except SpecError as exc:
             problem = str(exc)
     elif uri.startswith("sqlite:///"):
-        problem = _writable(Path(uri[len("sqlite:///"):]).expanduser())
+        problem, state = _writable(Path(uri[len("sqlite:///"):]).expanduser()), "writable"
     elif "://" in uri and not uri.startswith("file:"):
-        problem = _database(uri)
-    else:
-        problem = _writable(Path(uri.removeprefix("file://")).expanduser() / "mlflow.db")
+        problem, state = _database(uri), "answers"
+    else:  # a folder: orch keeps a SQLite store in it
+        problem, state = _writable(Path(uri.removeprefix("file://")).expanduser() / "mlflow.db"), "writable"
     if problem:
         return [Finding("tracking", "MLflow tracking", f"{shown}: {redact(problem)}", "fail",
                         "start the tracking server, or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to one that answers")]
-    state = ("reachable" if uri.startswith(("http://", "https://")) else
-             "writable" if uri.startswith("sqlite:///") or "://" not in uri or uri.startswith("file:") else "answers")
     return [Finding("tracking", "MLflow tracking", f"{shown}: {state}")]
 
 

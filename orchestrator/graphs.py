@@ -68,8 +68,8 @@ class WindowGraphs:
         self.width = 0  # the widest window seen: narrower ones are an epoch's last, run eagerly
 
     def usable(self, x: torch.Tensor) -> bool:
-        """A full-width window on a CUDA device, and no failed capture in this fit."""
-        if not x.is_cuda or self.failed is not None or x.shape[1] < self.width:
+        """A full-width window, and no failed capture in this fit."""
+        if self.failed is not None or x.shape[1] < self.width:
             return False
         self.width = x.shape[1]
         addresses = tuple(p.data_ptr() for p in self._module_ref().parameters())

@@ -203,11 +203,10 @@ class SequenceModule(pl.LightningModule):
         self._states["train"] = detach_state(state)
         return loss
 
-    def on_fit_start(self) -> None:
-        self._graphs = None  # captured for this fit's device and parameters only
-
     def on_fit_end(self) -> None:
-        self._graphs = None  # frees the graphs' memory pool with the fit
+        # frees the graphs' memory pool with the fit (a later fit, its parameters moved to the
+        # device again, would recapture anyway: the graphs check their parameters' addresses)
+        self._graphs = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

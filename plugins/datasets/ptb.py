@@ -30,6 +30,7 @@ import platformdirs
 import torch
 from torch.utils.data import DataLoader
 
+from orchestrator import cache
 from orchestrator.contracts.dataset import DataUnavailable, DatasetInfo, SequenceDataModule, StreamWindows
 from orchestrator.contracts.settings import Count
 
@@ -73,29 +74,11 @@ def tokenize(text: str) -> list[str]:
     return tokens
 
 
-def _tensor_file(checksums: dict[str, str]) -> Path:
-    """Where the tokenised corpus of the files with these checksums is kept, as tensors: orch's user
-    cache (``$ORCH_CACHE_DIR`` if set). Loading it takes milliseconds; tokenising, about 0.4 s."""
+def _tensor_file(checksums: dict[str, str]) -> str:
+    """The name in orch's user cache (``$ORCH_CACHE_DIR`` if set) of the tokenised corpus of the
+    files with these checksums, kept as tensors. Loading it takes milliseconds; tokenising, about 0.4 s."""
     key = hashlib.sha256(f"{TENSOR_FORMAT}:{sorted(checksums.items())}".encode()).hexdigest()[:20]
-    root = os.environ.get("ORCH_CACHE_DIR") or platformdirs.user_cache_dir("orch")
-    return Path(root).expanduser() / "tensors" / f"ptb-{key}.pt"
-
-
-def _save(path: Path, data: dict) -> None:
-    """Write atomically (a reader never sees part of it); a cache that cannot be written is skipped."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as out:
-            torch.save(data, out)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # as any file the user writes (mkstemp's is private)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):  # a full or read-only disk: torch reports some as RuntimeError
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    return f"tensors/ptb-{key}.pt"
 
 
 def build_vocab(tokens: list[str]) -> list[str]:
@@ -215,7 +198,7 @@ class PTB(SequenceDataModule):
         texts = {split: self._read(folder, name, source) for split, name in SPLITS.items()}  # each checksummed
         cached = _tensor_file(self.checksums)
         try:
-            saved = torch.load(cached, weights_only=True)
+            saved = torch.load(cache.path(cached), weights_only=True)
             vocab, ids, counts = saved["vocab"], saved["ids"], saved["counts"]
             if set(ids) != set(SPLITS) or set(counts) != set(SPLITS):
                 raise ValueError(f"{cached} holds the splits {sorted(ids)}")
@@ -223,7 +206,9 @@ class PTB(SequenceDataModule):
             vocab = None
         if vocab is None:
             vocab, ids, counts = self._tokenize(texts, folder)
-            _save(cached, {"vocab": vocab, "ids": ids, "counts": counts})
+            corpus = {"vocab": vocab, "ids": ids, "counts": counts}
+            # a full or read-only disk: torch reports some as RuntimeError
+            cache.save(cached, lambda out: torch.save(corpus, out), errors=(OSError, RuntimeError))
         self.vocab = vocab
         self.token_counts = counts
         self._ids = ids
