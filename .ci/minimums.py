@@ -6,8 +6,9 @@ lower bound is the version orch was run on, on a GPU machine (README, "Supported
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 KEY = ("optuna", "mlflow", "pytorch-lightning", "sqlalchemy")
 

@@ -9,7 +9,7 @@ and then runs the validation pass:
 
 * ``plain``: :func:`orchestrator.testing.reference.plain_tbptt`, the hand-written loop (no validation);
 * ``eager``: orch with ``module.cuda_graphs=false``;
-* ``graphs``: ``module.cuda_graphs=true`` (:mod:`orchestrator.graphs`), orch's default;
+* ``graphs``: ``module.cuda_graphs=true`` (:mod:`orchestrator.training.graphs`), orch's default;
 * ``bf16``: eager with ``trainer.precision=bf16-mixed``;
 * ``graphs+bf16``: both.
 
@@ -31,7 +31,6 @@ import time
 import warnings
 
 import torch
-
 from throughput import StepClock, rate
 
 VARIANTS = {
@@ -45,13 +44,17 @@ VARIANTS = {
 
 def measure(variant: str, spec, steps: int | None, warmup: int, device: str, store: str) -> dict:
     """One variant in this (fresh) process."""
-    from orchestrator import runner, tracking
     from orchestrator.testing.reference import plain_tbptt
+    from orchestrator.tracking import client as tracking
+    from orchestrator.tracking.runs import end_run, start_run
+    from orchestrator.training.build import build
+    from orchestrator.training.fit import tracked_fit
+
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     tokens = spec.dataset.settings["batch_size"] * spec.dataset.settings["bptt"]
     if variant == "plain":
-        built = runner.build(spec)
+        built = build(spec)
         built.datamodule.setup("fit")
         starts = plain_tbptt(built.module, built.datamodule.train_dataloader(), max_steps=steps,
                              device=device)["step_starts"]
@@ -59,9 +62,9 @@ def measure(variant: str, spec, steps: int | None, warmup: int, device: str, sto
     else:
         mlf = tracking.client(f"sqlite:///{store}/mlflow-{variant}.db")
         clock = StepClock(sync)
-        run_id = runner.start_run(mlf, "fastpath")
-        result = runner.tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False)
-        runner.end_run(mlf, run_id, "complete")
+        run_id = start_run(mlf, "fastpath")
+        result = tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False)
+        end_run(mlf, run_id, "complete")
         starts, val_ppl = clock.starts, result.metrics.get("val_ppl")
     return {"variant": variant, "steps": len(starts) - 1, "train_s": starts[-1] - starts[0],
             "tokens_per_s": rate(starts, tokens, warmup), "val_ppl": val_ppl}
@@ -82,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if args.one:
-        from orchestrator.config import load_spec
+        from orchestrator.spec.run import load_spec
 
         warnings.filterwarnings("ignore")
         logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

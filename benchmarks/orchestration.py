@@ -4,8 +4,8 @@
     python benchmarks/orchestration.py --workers 1 4 --trials 64 --postgres postgresql://postgres@127.0.0.1/postgres
 
 For each storage and number of concurrent worker processes, a fresh study is created (through
-``orch``'s own :func:`orchestrator.record.open_study`) and the workers run the real per-trial path
-of :mod:`orchestrator.workers` with the training left out: claim (the study's lock, reaping lost
+``orch``'s own :func:`orchestrator.execution.opening.open_study`) and the workers run the real per-trial path
+of :mod:`orchestrator.execution.workers` with the training left out: claim (the study's lock, reaping lost
 trials, counting the budget, Optuna's ask), sampling the parameters, creating the MLflow child
 run, one heartbeat (RDB storages), then closing the MLflow run and Optuna's tell. All
 configurations log to one kind of MLflow store (SQLite in a temporary folder, or
@@ -32,7 +32,7 @@ PHASES = ("claim", "sample", "child_run", "heartbeat", "finish")
 def _study(folder: Path):
     import yaml
 
-    from orchestrator.study import load_study
+    from orchestrator.spec.study import load_study
 
     data = {"name": "bench", "seed": 0,
             "dataset": {"plugin": "echo", "length": 1000}, "cell": {"plugin": "lstm", "hidden_size": 8},
@@ -47,10 +47,15 @@ def _study(folder: Path):
 
 def _worker(study, storage_url: str, tracking_uri: str, parent: str, queue) -> None:
     import optuna
-    from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    from orchestrator import claims, record, runner, tracking
-    from orchestrator.study import make_sampler, open_storage, suggest
+    from orchestrator import schema
+    from orchestrator.execution import claims
+    from orchestrator.spec.samplers import make_sampler
+    from orchestrator.spec.space import suggest
+    from orchestrator.storage import optuna_api, owners, record
+    from orchestrator.storage.backends import open_storage
+    from orchestrator.tracking import client as tracking
+    from orchestrator.tracking.runs import end_run, start_run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import warnings
@@ -60,8 +65,8 @@ def _worker(study, storage_url: str, tracking_uri: str, parent: str, queue) -> N
     mlf = tracking.client(tracking_uri)
     lock = claims.claim_lock(storage_url, study.name)
     with lock:
-        stream = record.next_stream(ostudy)
-    ostudy.sampler = make_sampler(study.section, stream=stream)
+        offset = record.next_sampler_offset(ostudy)
+    ostudy.sampler = make_sampler(study.section, offset=offset)
     spent = dict.fromkeys(PHASES, 0.0)
     n = 0
     began = time.time()
@@ -75,18 +80,18 @@ def _worker(study, storage_url: str, tracking_uri: str, parent: str, queue) -> N
         suggest(trial, study.section, study.data)
         spent["sample"] += time.perf_counter() - t
         t = time.perf_counter()
-        run_id = runner.start_run(mlf, study.name, run_name=f"trial-{trial.number}", parent_run_id=parent,
-                                  tags={"orch.study": study.name, "orch.trial": str(trial.number),
-                                        "orch.role": "trial", "orch.worker": claims.worker_id()})
-        trial.set_user_attr(claims.RUN_ATTR, run_id)
+        run_id = start_run(mlf, study.name, run_name=f"trial-{trial.number}", parent_run_id=parent,
+                           tags={schema.STUDY: study.name, schema.TRIAL: str(trial.number), schema.ROLE: "trial",
+                                 schema.RUN_WORKER: owners.worker_id()})
+        trial.set_user_attr(schema.RUN_ID, run_id)
         spent["child_run"] += time.perf_counter() - t
         t = time.perf_counter()
-        if is_heartbeat_enabled(ostudy._storage):
-            ostudy._storage.record_heartbeat(trial._trial_id)
+        if optuna_api.heartbeat_enabled(ostudy):
+            optuna_api.record_heartbeat(ostudy, trial)
         spent["heartbeat"] += time.perf_counter() - t
         t = time.perf_counter()
-        mlf.log_metric(run_id, "objective", 0.5)
-        runner.end_run(mlf, run_id, "complete")
+        mlf.log_metric(run_id, schema.OBJECTIVE, 0.5)
+        end_run(mlf, run_id, "complete")
         ostudy.tell(trial, 0.5)
         spent["finish"] += time.perf_counter() - t
         n += 1
@@ -94,10 +99,10 @@ def _worker(study, storage_url: str, tracking_uri: str, parent: str, queue) -> N
 
 
 def measure(kind: str, url: str, tracking_uri: str, workers: int, trials: int, folder: Path) -> dict:
-    from orchestrator import record
+    from orchestrator.execution.opening import open_study
 
     study = _study(folder)
-    joined = record.open_study(study, url, create=True, tracking_uri=tracking_uri, budget=trials)
+    joined = open_study(study, url, create=True, tracking_uri=tracking_uri, budget=trials)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(study, url, joined.tracking_uri, joined.parent_run_id, queue))

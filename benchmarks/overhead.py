@@ -5,7 +5,7 @@
 
 One process trains ``studies/ptb_small.yaml`` (hidden ``--hidden``) for ``--steps`` windows three
 ways, in this order: the plain loop (:func:`orchestrator.testing.reference.plain_tbptt`), orch's
-path (``runner.tracked_fit``, MLflow on, a throwaway SQLite store) under Lightning's
+path (``orchestrator.training.fit.tracked_fit``, MLflow on, a throwaway SQLite store) under Lightning's
 ``SimpleProfiler``, and orch's path again under ``torch.profiler`` for ``--profile-steps``
 windows after ``--warmup``. It prints:
 
@@ -29,11 +29,14 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-
-from orchestrator import runner, tracking
-from orchestrator.config import load_spec
-from orchestrator.testing.reference import plain_tbptt
 from throughput import StepClock  # benchmarks/ is the script's folder, first on sys.path
+
+from orchestrator.spec.run import load_spec
+from orchestrator.testing.reference import plain_tbptt
+from orchestrator.tracking import client as tracking
+from orchestrator.tracking.runs import start_run
+from orchestrator.training.build import build
+from orchestrator.training.fit import tracked_fit
 
 
 class Profiled(pl.Callback):
@@ -79,7 +82,7 @@ def main() -> None:
     out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cell": args.cell,
                  "hidden": args.hidden, "steps": args.steps}
 
-    built = runner.build(spec)
+    built = build(spec)
     built.datamodule.setup("fit")
     starts = plain_tbptt(built.module, built.datamodule.train_dataloader(), max_steps=args.steps,
                          device=device)["step_starts"]
@@ -92,8 +95,8 @@ def main() -> None:
         mlf = tracking.client(f"sqlite:///{store}/mlflow.db")
         clock = StepClock(sync)
         profiler = SimpleProfiler()
-        run_id = runner.start_run(mlf, "overhead")
-        runner.tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False, profiler=profiler)
+        run_id = start_run(mlf, "overhead")
+        tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False, profiler=profiler)
         out["orch_ms_per_step"] = round(ms_per_step(clock.starts, args.warmup), 3)
         out["orch_over_plain_throughput"] = round(out["plain_ms_per_step"] / out["orch_ms_per_step"], 3)
         hooks = {}
@@ -104,8 +107,8 @@ def main() -> None:
         out["lightning_ms_per_step"] = dict(sorted(hooks.items(), key=lambda kv: -kv[1])[:20])
 
         prof = Profiled(args.warmup, args.profile_steps, device)
-        run_id = runner.start_run(mlf, "overhead-profile")
-        runner.tracked_fit(spec, mlf, run_id, callbacks=[prof], enable_progress_bar=False)
+        run_id = start_run(mlf, "overhead-profile")
+        tracked_fit(spec, mlf, run_id, callbacks=[prof], enable_progress_bar=False)
         events = prof.prof.key_averages()
         per_step = {}
         for name in ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaMemcpyAsync",

@@ -45,8 +45,9 @@ def fill(cwd: Path, env: dict, study: str, trials: int) -> str:
     code = f"""
 import random, optuna
 from optuna.trial import TrialState, create_trial
-from orchestrator import record
-from orchestrator.study import default_storage_url, load_study
+from orchestrator.spec.study import load_study
+from orchestrator.storage import record
+from orchestrator.storage.urls import default_storage_url
 spec = load_study({study!r})
 ostudy = record.load(default_storage_url(spec.name), spec.name)
 rng = random.Random(0)
@@ -111,7 +112,8 @@ def main() -> None:
         shown = root / "shown"
         shown.mkdir()
         name = fill(shown, env, study, args.trials)
-        rows.append((f"orch study show {name} ({args.trials} trials)", timed([ORCH, "study", "show", name], shown, env)))
+        rows.append((f"orch study show {name} ({args.trials} trials)",
+                     timed([ORCH, "study", "show", name], shown, env)))
         rows.append((f"orch study best {name}", timed([ORCH, "study", "best", name], shown, env)))
         fresh = root / "fresh"
         fresh.mkdir()

@@ -16,7 +16,8 @@ def study_run(study: str, *, workers: int | None, trials: int, overrides: list[s
     more of its options); returns (its JSON summary, wall seconds, inspect(cwd))."""
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, "-m", "orchestrator.cli", "study", "run", study, "--trials", str(trials),
-               *(["--workers", str(workers)] if workers else []), *options] + [a for o in overrides for a in ("--set", o)]
+               *(["--workers", str(workers)] if workers else []), *options]
+        cmd += [a for o in overrides for a in ("--set", o)]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=os.environ)
         wall = time.perf_counter() - t

@@ -7,7 +7,7 @@ For each cell, the same model (``studies/ptb_small.yaml``, Zaremba "small") is t
 ``--steps`` windows both ways, ``--rounds`` times each, by one command that runs every
 measurement in a fresh process, alternating the order:
 
-* orch: ``runner.tracked_fit`` with its Lightning module, stateful TBPTT and MLflow logging on
+* orch: ``orchestrator.training.fit.tracked_fit`` with its Lightning module, stateful TBPTT and MLflow logging on
   (a throwaway SQLite store);
 * plain: :func:`orchestrator.testing.reference.plain_tbptt`, a hand-written loop over the same
   windows with the same optimiser, clipping and state carry.
@@ -36,9 +36,12 @@ import warnings
 import pytorch_lightning as pl
 import torch
 
-from orchestrator import runner, tracking
-from orchestrator.config import load_spec
+from orchestrator.spec.run import load_spec
 from orchestrator.testing.reference import plain_tbptt
+from orchestrator.tracking import client as tracking
+from orchestrator.tracking.runs import end_run, start_run
+from orchestrator.training.build import build
+from orchestrator.training.fit import tracked_fit
 
 
 class StepClock(pl.Callback):
@@ -70,12 +73,12 @@ def measure(kind: str, spec, steps: int, warmup: int, device: str, store: str) -
     if kind == "orch":
         mlf = tracking.client(f"sqlite:///{store}/mlflow.db")
         clock = StepClock(sync)
-        run_id = runner.start_run(mlf, "throughput")
-        runner.tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False)
-        runner.end_run(mlf, run_id, "complete")
+        run_id = start_run(mlf, "throughput")
+        tracked_fit(spec, mlf, run_id, callbacks=[clock], enable_progress_bar=False)
+        end_run(mlf, run_id, "complete")
         starts = clock.starts
     else:
-        built = runner.build(spec)
+        built = build(spec)
         built.datamodule.setup("fit")
         starts = plain_tbptt(built.module, built.datamodule.train_dataloader(), max_steps=steps,
                              device=device)["step_starts"]

@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import platformdirs
+
 
 def cache_dir() -> Path:
     """``$ORCH_CACHE_DIR`` if set, else the platform's user cache folder for orch."""
-    import platformdirs
-
     return Path(os.environ.get("ORCH_CACHE_DIR") or platformdirs.user_cache_dir("orch"))
 
 

@@ -15,7 +15,17 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from orchestrator import __version__, registry
+from orchestrator.errors import PluginError, StoreError
+from orchestrator.registry.listing import listing
+from orchestrator.secrets import describe, redact, redact_url
+from orchestrator.storage.urls import default_storage_url, journal_path, sqlalchemy_url, sqlite_path
+from orchestrator.tracking.client import check_reachable, default_tracking_uri
 
 #: the distributions shown even when they are fine (every requirement of orch is checked)
 SHOWN = ("torch", "pytorch-lightning", "optuna", "mlflow", "sqlalchemy")
@@ -34,10 +44,6 @@ class Finding:
 
 def _requirements() -> list[Finding]:
     """orch's declared dependencies against what is installed."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
     try:
         required = metadata.requires("orch") or []
     except metadata.PackageNotFoundError:
@@ -100,24 +106,22 @@ def _driver_version() -> str | None:
 
 
 def _data() -> list[Finding]:
-    from orch_plugins.datasets.ptb import PTB, PTB_SHA256, SPLITS, sha256_of
-
-    folder, source = PTB()._folder()
+    """The main job's data, as its dataset plugin finds it (through the registry, like any plugin)."""
+    try:
+        ptb = registry.get("datasets", "ptb")
+    except PluginError as exc:
+        return [Finding("data", "ptb", f"not checked: {exc}", "warn", "see the plugins section")]
+    folder, source, bad = ptb().data_files()
     where = f"{folder} (from {source})" if source else f"{folder} (orch's user cache)"
-    bad = []
-    for name in SPLITS.values():
-        path = folder / name
-        if not path.is_file():
-            bad.append(f"{name} missing")
-        elif sha256_of(path.read_bytes()) != PTB_SHA256[name]:
-            bad.append(f"{name} fails its SHA-256")
     if not bad:
         return [Finding("data", "ptb", f"{where}: 3 files, checksums verified")]
     if source is None and all(b.endswith("missing") for b in bad):
         return [Finding("data", "ptb", f"{where}: not there yet; downloaded and verified on first use", "warn",
-                        "set ORCH_DATA_DIR to a folder whose ptb/ subfolder holds the files, where there is no internet")]
+                        "set ORCH_DATA_DIR to a folder whose ptb/ subfolder holds the files, where there is no "
+                        "internet")]
     fix = (f"put ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's split) in {folder}"
-           + (", or point ORCH_DATA_DIR elsewhere" if source == "ORCH_DATA_DIR" else ", or delete them to download again"))
+           + (", or point ORCH_DATA_DIR elsewhere" if source == "ORCH_DATA_DIR"
+              else ", or delete them to download again"))
     return [Finding("data", "ptb", f"{where}: {', '.join(bad)}", "fail", fix)]
 
 
@@ -161,54 +165,47 @@ def _database(url: str) -> str | None:
 
 
 def _storage(given: str | None) -> list[Finding]:
-    from orchestrator.locks import sqlalchemy_url
-    from orchestrator.secrets import redact, redact_url
-    from orchestrator.study import default_storage_url
-
     url = given or os.environ.get("ORCH_STORAGE") or default_storage_url("<study>")
     origin = "--storage" if given else "$ORCH_STORAGE" if os.environ.get("ORCH_STORAGE") else "default"
-    if url.startswith("journal:"):
-        problem, state = _writable(Path(url[len("journal:"):]).expanduser()), "writable"
-    elif url.startswith("sqlite:///"):
-        problem, state = _writable(Path(url[len("sqlite:///"):]).expanduser()), "writable"
+    if journal_path(url) is not None:
+        problem, state = _writable(Path(journal_path(url)).expanduser()), "writable"
+    elif sqlite_path(url) is not None:
+        problem, state = _writable(Path(sqlite_path(url)).expanduser()), "writable"
     else:
         problem, state = _database(sqlalchemy_url(url)), "answers"  # opened as orch opens it (postgres://)
     shown = f"{redact_url(url)} ({origin})"
     if problem:
         return [Finding("storage", "Optuna storage", f"{shown}: {redact(problem)}", "fail",
-                        "pass --storage (or set $ORCH_STORAGE) to a storage this machine can write, or fix the one named")]
+                        "pass --storage (or set $ORCH_STORAGE) to a storage this machine can write, or fix the one "
+                        "named")]
     return [Finding("storage", "Optuna storage", f"{shown}: {state}")]
 
 
 def _tracking(given: str | None) -> list[Finding]:
-    from orchestrator import tracking
-    from orchestrator.config import SpecError
-    from orchestrator.secrets import redact, redact_url
-
-    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
-    origin = "--tracking-uri" if given else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "default"
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    origin = ("--tracking-uri" if given else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+              else "default")
     shown = f"{redact_url(uri)} ({origin})"
     if uri.startswith(("http://", "https://")):
         problem, state = None, "reachable"
         try:
-            tracking.check_reachable(uri, timeout=5)
-        except SpecError as exc:
+            check_reachable(uri, timeout=5)
+        except StoreError as exc:
             problem = str(exc)
-    elif uri.startswith("sqlite:///"):
-        problem, state = _writable(Path(uri[len("sqlite:///"):]).expanduser()), "writable"
+    elif sqlite_path(uri) is not None:
+        problem, state = _writable(Path(sqlite_path(uri)).expanduser()), "writable"
     elif "://" in uri and not uri.startswith("file:"):
         problem, state = _database(uri), "answers"
     else:  # a folder: orch keeps a SQLite store in it
         problem, state = _writable(Path(uri.removeprefix("file://")).expanduser() / "mlflow.db"), "writable"
     if problem:
         return [Finding("tracking", "MLflow tracking", f"{shown}: {redact(problem)}", "fail",
-                        "start the tracking server, or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to one that answers")]
+                        "start the tracking server, or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to one "
+                        "that answers")]
     return [Finding("tracking", "MLflow tracking", f"{shown}: {state}")]
 
 
 def _plugins() -> list[Finding]:
-    from orchestrator.listing import listing
-
     found, plugins = [], listing()
     for p in plugins:
         needed = (p.kind, p.name) in MAIN_JOB_PLUGINS
@@ -226,9 +223,6 @@ def _plugins() -> list[Finding]:
 
 def collect(storage: str | None = None, tracking_uri: str | None = None) -> list[Finding]:
     """Every finding, section by section."""
-    from orchestrator import __version__
-    from orchestrator.secrets import describe
-
     found = [Finding("orch", "version", f"{__version__} ({Path(__file__).resolve().parent})"),
              Finding("orch", "Python", f"{platform.python_version()} ({sys.executable})"),
              Finding("orch", "platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs")]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orch_plugins.cells import DIYLSTMCell, LSTMCell
 from orchestrator import registry
 from orchestrator.testing.cells import check_cell
-from orch_plugins.cells import DIYLSTMCell, LSTMCell
 
 CELLS = ["rnn", "lstm", "diy_lstm"]
 
@@ -47,7 +47,7 @@ def test_diy_lstm_equals_torch_lstm_outputs_state_and_gradients(dtype, atol):
     torch.testing.assert_close(d_c, r_c, atol=atol, rtol=0)
     names = ["x", "h0", "c0"] + [n for n, _ in ref.named_parameters()]
     for name, rg, dg in zip(names, r_grads, d_grads):
-        torch.testing.assert_close(dg, rg, atol=atol * 10, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(dg, rg, atol=atol * 10, rtol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_diy_lstm_backward_passes_gradcheck():

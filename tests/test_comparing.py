@@ -23,8 +23,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from conftest import check_agreement, echo_study, load, orch, stop_group, unavailable, write
 from orchestrator.cli import main
+
+from helpers import check_agreement, echo_study, load, orch, stop_group, unavailable, write
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SPACE = {"cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},
@@ -156,11 +157,12 @@ def test_show_has_a_readable_header_and_best_ends_with_the_retrain_command(studi
     assert out["trial"] == best.number and out["retrain"] == command
     assert proc.stderr.strip().endswith(command)
     # a storage with a password: the command leaves it to $ORCH_STORAGE, never prints it
-    from orchestrator.report import retrain_command
+    from orchestrator.report.summary import retrain_command
 
     assert retrain_command("tiny", 3, "postgresql://u:s3cret@db/orch") == \
         'orch train --from-study tiny --trial 3 --storage "$ORCH_STORAGE" --test'
-    assert retrain_command("tiny", 3, "sqlite:///s.db") == "orch train --from-study tiny --trial 3 --storage sqlite:///s.db --test"
+    assert retrain_command("tiny", 3, "sqlite:///s.db") == \
+        "orch train --from-study tiny --trial 3 --storage sqlite:///s.db --test"
 
 
 @pytest.mark.parametrize("command", [["study", "show", "tiny"], ["study", "show", "tiny.yaml"],
@@ -242,7 +244,7 @@ def test_training_bar_shows_loss_accuracy_and_throughput_on_a_terminal(tmp_path)
 
 
 def test_live_table_shows_each_running_trials_epoch_latest_value_and_eta():
-    from orchestrator.coordinator import trials_table
+    from orchestrator.report.terminal import trials_table
 
     study = optuna.create_study(direction="maximize")
     running = study.ask({"module.lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})

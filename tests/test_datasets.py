@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 import shutil
@@ -17,7 +16,7 @@ from orch_plugins.datasets.echo import Echo
 from orch_plugins.datasets.ptb import PTB, PTB_SHA256, DataError
 from orch_plugins.datasets.sum_game import SYMBOLS, SumGame, all_sequences, decode, encode, running_sum
 
-from conftest import NAMES, shared_ptb_dir, write_corpus
+from helpers import NAMES, shared_ptb_dir, write_corpus
 
 
 # ---- helpers ---------------------------------------------------------------------------------

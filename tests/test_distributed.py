@@ -16,7 +16,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import FLAKY, FLAKY_SRC, check_agreement, echo_study, live_in_group, load, orch, runs_of, write
+from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, live_in_group, load, orch, runs_of, write
 
 CONTINUOUS = {"module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True},
               "cell.forget_bias": {"type": "float", "low": 0.0, "high": 2.0}}
@@ -233,7 +233,9 @@ def test_redaction_of_messages_for_passwords_of_any_characters():
 
 
 def test_each_worker_draws_its_own_sampler_stream_and_one_worker_keeps_the_seed(tmp_path):
-    from orchestrator.study import load_study, make_sampler, suggest
+    from orchestrator.spec.samplers import make_sampler
+    from orchestrator.spec.space import suggest
+    from orchestrator.spec.study import load_study
 
     study = load_study(write(tmp_path / "s.yaml", echo_study(space=CONTINUOUS)))
 
@@ -242,29 +244,30 @@ def test_each_worker_draws_its_own_sampler_stream_and_one_worker_keeps_the_seed(
         return [suggest(ostudy.ask(), study.section, study.data) for _ in range(3)]
 
     seeded = first_params(optuna.samplers.RandomSampler(seed=0))  # the file's seed, as Optuna draws it
-    assert first_params(make_sampler(study.section, stream=0)) == seeded
-    streams = [first_params(make_sampler(study.section, stream=k)) for k in range(4)]
+    assert first_params(make_sampler(study.section, offset=0)) == seeded
+    streams = [first_params(make_sampler(study.section, offset=k)) for k in range(4)]
     assert len({json.dumps(s) for s in streams}) == 4
 
 
 def test_a_study_file_that_changed_is_refused_with_what_differs(tmp_path, monkeypatch):
-    from orchestrator import record
-    from orchestrator.config import SpecError
-    from orchestrator.study import load_study
+    from orchestrator.errors import SpecError
+    from orchestrator.execution.opening import open_study
+    from orchestrator.spec.study import load_study
+    from orchestrator.storage import record
 
     monkeypatch.chdir(tmp_path)
     data = echo_study(space=CONTINUOUS)
     url = f"journal:{tmp_path / 'tiny.journal'}"
-    record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4)
+    open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4)
     # what may change between invocations: budget, timeout, resources
     data["study"].update(trials=8, timeout=60, resources={"workers": 2})
-    joined = record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=8)
+    joined = open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=8)
     assert record.budget(joined.ostudy) == 8
     data["study"]["space"]["module.lr"]["high"] = 0.1
     data["cell"]["hidden_size"] = 16
     data["study"]["heartbeat"] = {"interval": 5}  # every process must agree on when a trial is lost
     with pytest.raises(SpecError) as err:
-        record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=False)
+        open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=False)
     assert "cell.hidden_size, study.heartbeat.interval, study.space.module.lr.high differ" in str(err.value)
     assert str(err.value).startswith(f"{tmp_path / 'tiny.yaml'}:")
     assert record.stored_study(url, "tiny").data["cell"]["hidden_size"] == 8  # the stored study is untouched
@@ -304,18 +307,21 @@ def test_a_journal_study_s_trials_left_running_by_a_reboot_are_lost_and_retried(
     name, another boot) is lost; one owned by a live process, or by another host, is not."""
     import socket
 
-    from orchestrator import claims, record
-    from orchestrator.study import load_study
+    from orchestrator import schema
+    from orchestrator.execution import claims
+    from orchestrator.execution.opening import open_study
+    from orchestrator.spec.study import load_study
+    from orchestrator.storage import owners as worker_ids
 
     monkeypatch.chdir(tmp_path)
     url = f"journal:{tmp_path / 'tiny.journal'}"
-    joined = record.open_study(load_study(write(tmp_path / "tiny.yaml", echo_study(space=CONTINUOUS))), url,
+    joined = open_study(load_study(write(tmp_path / "tiny.yaml", echo_study(space=CONTINUOUS))), url,
                                create=True, budget=4)
     ostudy, owners = joined.ostudy, {}
-    for owner in (f"{socket.gethostname()}~0ld0ne:4242", claims.worker_id(), "elsewhere~abc123:4242"):
+    for owner in (f"{socket.gethostname()}~0ld0ne:4242", worker_ids.worker_id(), "elsewhere~abc123:4242"):
         trial = ostudy.ask()
         trial.suggest_float("module.lr", 0.001, 0.05, log=True)
-        trial.set_user_attr(claims.WORKER_ATTR, owner)
+        trial.set_user_attr(schema.WORKER, owner)
         owners[trial.number] = owner
     ostudy.ask()  # a worker died between asking for a trial and recording itself as its owner
     with claims.claim_lock(url, "tiny"):
@@ -326,22 +332,24 @@ def test_a_journal_study_s_trials_left_running_by_a_reboot_are_lost_and_retried(
     assert [t.state.name for t in trials[1:3]] == ["RUNNING", "RUNNING"]
     assert trials[4].state.name == "WAITING" and claims.counted(trials) == 2  # lost ones and the retry: no budget
     retry = ostudy.ask()  # the next claim gets the retry, with the lost trial's parameters
-    assert retry.number == 4 and retry.suggest_float("module.lr", 0.001, 0.05, log=True) == trials[0].params["module.lr"]
+    assert retry.number == 4
+    assert retry.suggest_float("module.lr", 0.001, 0.05, log=True) == trials[0].params["module.lr"]
 
 
 def test_a_study_with_running_trials_is_not_copied_and_create_needs_a_budget(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator import record
     from orchestrator.cli import main
-    from orchestrator.config import SpecError
-    from orchestrator.study import load_study
+    from orchestrator.errors import UsageError
+    from orchestrator.execution.opening import open_study
+    from orchestrator.spec.study import load_study
+    from orchestrator.storage import record
 
     monkeypatch.chdir(tmp_path)
     data = echo_study(space=CONTINUOUS)
     url = f"journal:{tmp_path / 'tiny.journal'}"
-    record.open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4).ostudy.ask()
-    with pytest.raises(SpecError, match=r"has running trials \[0\]: stop its workers first"):
+    open_study(load_study(write(tmp_path / "tiny.yaml", data)), url, create=True, budget=4).ostudy.ask()
+    with pytest.raises(UsageError, match=r"has running trials \[0\]: stop its workers first"):
         record.copy_study("tiny", url, f"journal:{tmp_path / 'copy.journal'}")
     data["study"]["trials"] = None
     result = CliRunner().invoke(main, ["study", "create", write(tmp_path / "open.yaml", data)])

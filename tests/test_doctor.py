@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import orch, shared_ptb_dir
 from orchestrator.cli import main
+
+from helpers import orch, shared_ptb_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def test_an_unwritable_store_is_a_failure_with_its_fix(tmp_path):
 
 def test_a_postgresql_storage_is_opened_as_orch_opens_it(tmp_path):
     """postgresql:// and postgres:// (psycopg 3, as orch's storages use them) both answer."""
-    from conftest import PG_ADMIN, _pg_admin
+    from helpers import PG_ADMIN, _pg_admin
 
     _pg_admin()  # skips without a server (a failure under .ci/run)
     rest = PG_ADMIN.split("://", 1)[1]

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 import torch
@@ -20,9 +19,20 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (FLAKY, FLAKY_SRC, REQUIRE_SERVICES, check_agreement, echo_study, free_port, live_in_group, load,
-                      orch, write)
 from orchestrator.cli import main
+
+from helpers import (
+    FLAKY,
+    FLAKY_SRC,
+    REQUIRE_SERVICES,
+    check_agreement,
+    echo_study,
+    free_port,
+    live_in_group,
+    load,
+    orch,
+    write,
+)
 
 TERM, INT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 
@@ -113,7 +123,8 @@ def test_sigterm_to_a_worker_interrupts_its_trial_and_the_retry_resumes_to_the_u
     assert stopped.state.name == "FAIL" and stopped.user_attrs["orch.interrupted"] is True
     assert "SIGTERM" in stopped.user_attrs["orch.error"]
     assert by_trial[0].data.tags["orch.state"] == "interrupted" and by_trial[0].info.status == "KILLED"
-    assert retry.state.name == "COMPLETE" and retry.user_attrs["orch.retry_of"] == 0 and json.loads(out)["complete"] == 1
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["orch.retry_of"] == 0
+    assert json.loads(out)["complete"] == 1
     # it went on from its last checkpoint: every epoch once in its run, the same numbers as without the stop
     assert by_trial[1].data.tags["orch.resumed_at_epoch"] == "3"  # only the last epoch trained again
     assert [s for s, _ in history(client, by_trial[1])] == [0, 1, 2, 3]
@@ -257,7 +268,7 @@ def show(tmp_path, path):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.floats(0, 1))
 def test_a_journal_cut_anywhere_loses_no_complete_trial_before_the_cut(tmp_path, finished_journal, cut):
-    from orchestrator.study import open_storage
+    from orchestrator.storage.backends import open_storage
 
     data, ends = finished_journal
     offset = int(cut * len(data))
@@ -364,7 +375,8 @@ def test_a_disk_that_fills_up_mid_study_stops_it_with_one_message_and_burns_no_t
     study, client, parents, children = load(cwd)
     check_agreement(study, parents, children)
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
-    assert not any(t.state.name == "FAIL" and not (t.user_attrs.get("orch.interrupted") or t.user_attrs.get("orch.lost"))
+    assert not any(t.state.name == "FAIL"
+                   and not (t.user_attrs.get("orch.interrupted") or t.user_attrs.get("orch.lost"))
                    for t in study.trials)  # no trial was charged for the full disk
 
 

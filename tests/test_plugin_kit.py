@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import echo_study, write
 from orchestrator.cli import main
-from orchestrator.contracts.cell import Cell
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule, StreamWindows
 from orchestrator.testing import ContractError, check_cell, check_dataset, check_module
+
+from helpers import echo_study, write
 
 BROKEN = """
 import torch
@@ -201,7 +201,7 @@ def run_package(package, name, tmp_path, kind, trials="1"):
 
     import mlflow
 
-    from conftest import orch, runs_of
+    from helpers import orch, runs_of
 
     site = tmp_path / "site"
     install(package, site)
@@ -239,7 +239,7 @@ def test_plugins_new_writes_a_package_that_installs_passes_its_tests_and_runs_a_
 def test_the_example_third_party_package_installs_and_runs_a_two_trial_study(tmp_path):
     import shutil
 
-    from conftest import REPO
+    from helpers import REPO
 
     package = tmp_path / "orch-gru"
     shutil.copytree(REPO / "examples" / "orch-gru", package)

@@ -156,7 +156,8 @@ def test_plugins_list_reads_its_cache_until_a_plugin_changes(fake_dist, tmp_path
     assert imported == "torch imported" and again[("cells", "gru")] == first[("cells", "gru")]
     assert {k: v["status"] for k, v in again.items()} == {k: v["status"] for k, v in first.items()}
     # so is an edit of the plugin's own module
-    (root / "thirdparty_cells.py").write_text(CELLS_SRC.replace("import torch", "import torch\nraise ImportError('no GRU today')"))
+    broken = CELLS_SRC.replace("import torch", "import torch\nraise ImportError('no GRU today')")
+    (root / "thirdparty_cells.py").write_text(broken)
     broken, imported = listing()
     assert imported == "torch imported"
     assert broken[("cells", "gru")]["status"] == "broken" and "no GRU today" in broken[("cells", "gru")]["error"]

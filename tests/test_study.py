@@ -12,11 +12,12 @@ import time
 import mlflow
 import optuna
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from conftest import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, stop_group, write
 from orchestrator.cli import main
+
+from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, stop_group, write
+
 
 def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
     spec = echo_study(space={
@@ -189,7 +190,7 @@ def test_bad_study_file_is_one_clear_message_exit_2_and_writes_nothing(tmp_path,
 
 
 def test_conditional_parameter_is_dropped_when_its_condition_fails(tmp_path):
-    from orchestrator.study import load_study
+    from orchestrator.spec.study import load_study
 
     data = echo_study(space={"cell.plugin": {"type": "categorical", "choices": ["lstm", "rnn"]},
                              "cell.forget_bias": {"type": "float", "low": 0, "high": 1,
@@ -201,7 +202,7 @@ def test_conditional_parameter_is_dropped_when_its_condition_fails(tmp_path):
         "hidden_size": 8, "forget_bias": 0.5}
     trial_params = []
     ostudy = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    from orchestrator.study import suggest
+    from orchestrator.spec.space import suggest
 
     for _ in range(12):
         trial = ostudy.ask()
@@ -214,7 +215,7 @@ def test_conditional_parameter_is_dropped_when_its_condition_fails(tmp_path):
 @pytest.mark.slow
 def test_ptb_small_one_epoch_study_on_cpu(tmp_path):
     """Acceptance: `orch study run studies/ptb_small.yaml --trials 1 --set trainer.max_epochs=1` (minutes)."""
-    from conftest import REPO, shared_ptb_dir
+    from helpers import REPO, shared_ptb_dir
 
     folder = shared_ptb_dir()
     if folder is None:
@@ -336,7 +337,9 @@ GRID_SPACE = {"cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 
 
 @pytest.mark.parametrize("kind", ["tpe", "random", "cmaes", "grid", "qmc"])
 def test_every_sampler_draws_valid_runs_from_the_space(tmp_path, kind):
-    from orchestrator.study import load_study, make_sampler, suggest
+    from orchestrator.spec.samplers import make_sampler
+    from orchestrator.spec.space import suggest
+    from orchestrator.spec.study import load_study
 
     space = GRID_SPACE if kind == "grid" else {**GRID_SPACE, "module.lr": {"type": "float", "low": 0.001,
                                                                           "high": 0.05, "log": True}}
@@ -354,8 +357,11 @@ def test_every_sampler_draws_valid_runs_from_the_space(tmp_path, kind):
 
 
 def test_an_interrupted_grid_trial_is_retried_at_its_own_grid_point(tmp_path):
-    from orchestrator.study import load_study, make_sampler, suggest
-    from orchestrator.claims import INTERRUPTED_ATTR, counted, requeue
+    from orchestrator.execution.claims import counted, requeue
+    from orchestrator.schema import INTERRUPTED as INTERRUPTED_ATTR
+    from orchestrator.spec.samplers import make_sampler
+    from orchestrator.spec.space import suggest
+    from orchestrator.spec.study import load_study
 
     study = load_study(write(tmp_path / "s.yaml", echo_study(sampler={"type": "grid", "seed": 3}, space=GRID_SPACE)))
     ostudy = optuna.create_study(direction="maximize", sampler=make_sampler(study.section))

@@ -11,15 +11,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from orchestrator import runner
-from orchestrator.cli import main
-from orchestrator.config import RunSpec, load_spec
-from orchestrator.contracts.module import CellSpec
-from orchestrator.testing.reference import plain_tbptt
 from orch_plugins.cells import LSTMCell
 from orch_plugins.datasets.echo import Echo
 from orch_plugins.datasets.ptb import PTB
 from orch_plugins.modules import LanguageModel, StepClassification
+from orchestrator.cli import main
+from orchestrator.contracts.module import CellSpec
+from orchestrator.spec.run import RunSpec, load_spec
+from orchestrator.testing.reference import plain_tbptt
+from orchestrator.training import fit as runner
 
 
 def write_yaml(path, data):
@@ -158,7 +158,7 @@ def test_zaremba_lr_schedule_and_clipping(corpus):
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU: the streams then move from the host to it"))])
 def test_every_stream_a_fit_reads_is_on_the_module_s_device(corpus, accelerator):
-    from orchestrator.device_data import _loaders
+    from orchestrator.training.callbacks import _loaders
 
     folder, sums = corpus
     dm = PTB(data_dir=str(folder), checksums=sums, batch_size=4, eval_batch_size=3, bptt=7)
@@ -192,7 +192,8 @@ def test_every_stream_a_fit_reads_is_on_the_module_s_device(corpus, accelerator)
         assert torch.equal(on_device[k][0].cpu(), host[k][0]) and torch.equal(on_device[k][1].cpu(), host[k][1])
 
 
-GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs capture CUDA kernels only")
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="needs a GPU: CUDA graphs capture CUDA kernels only")
 
 
 @pytest.mark.parametrize("accelerator, cell_cls", [
@@ -220,22 +221,25 @@ def test_cuda_graphed_windows_train_as_eager_ones(corpus, accelerator, cell_cls)
         losses, val, captured = [], [], []
 
         class Record(pl.Callback):
+            def __init__(self, losses, val, captured):
+                self.losses, self.val, self.captured = losses, val, captured
+
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                losses.append(float(outputs["loss"]) / batch[0].shape[1])
+                self.losses.append(float(outputs["loss"]) / batch[0].shape[1])
 
             def on_train_epoch_end(self, trainer, module):
                 held = module._graphs
-                captured.append(None if held is None else (held.failed, len(held._graphs)))
+                self.captured.append(None if held is None else (held.failed, len(held._graphs)))
 
             def on_validation_end(self, trainer, module):
-                val.append(float(trainer.callback_metrics["val_loss"]))
+                self.val.append(float(trainer.callback_metrics["val_loss"]))
 
         spec = RunSpec.model_validate({"dataset": {"plugin": "ptb"}, "cell": {"plugin": cell_cls},
                                        "module": {"plugin": "language_model"},
                                        "trainer": {"max_epochs": 2, "accelerator": accelerator}})
         for _ in range(2):
-            trainer = runner.make_trainer(spec, callbacks=[Record()], limit_val_batches=2, num_sanity_val_steps=0,
-                                          enable_progress_bar=False)
+            trainer = runner.make_trainer(spec, callbacks=[Record(losses, val, captured)], limit_val_batches=2,
+                                          num_sanity_val_steps=0, enable_progress_bar=False)
             trainer.fit(module, datamodule=dm)
             assert module._graphs is None  # dropped with the fit, and its memory with it
         runs[graphs] = (losses, val, captured)

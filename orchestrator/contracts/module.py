@@ -73,7 +73,7 @@ class SequenceModule(pl.LightningModule):
         init_scale: initialise every weight uniformly in ``±init_scale`` (``None``: defaults).
         nan_check_every: check the training loss for NaN/inf every this many steps.
         cuda_graphs: on a CUDA device, replay every full training window of a stream as a CUDA
-            graph (:mod:`orchestrator.graphs`; 1.6x the tokens per second of eager on the PTB
+            graph (:mod:`orchestrator.training.graphs`; 1.6x the tokens per second of eager on the PTB
             medium model); elsewhere, and for other windows, it changes nothing.
     """
 
@@ -99,7 +99,7 @@ class SequenceModule(pl.LightningModule):
         self.init_scale = init_scale
         self.nan_check_every = nan_check_every
         self.cuda_graphs = cuda_graphs
-        self._graphs = None  # orchestrator.graphs.WindowGraphs, made at the first full CUDA window
+        self._graphs = None  # orchestrator.training.graphs.WindowGraphs, made at the first full CUDA window
         self._states: dict[str, State] = {}
         self._acc: dict[str, dict[str, Any]] = {}
         self._train_loss_sum: torch.Tensor | None = None
@@ -191,7 +191,7 @@ class SequenceModule(pl.LightningModule):
             # be set to None between steps (Lightning's default), never kept or zeroed in place
             return None
         if self._graphs is None:
-            from orchestrator.graphs import WindowGraphs
+            from orchestrator.training.graphs import WindowGraphs
 
             self._graphs = WindowGraphs(self)
         if not self._graphs.usable(x):

@@ -22,6 +22,7 @@ import torch
 
 from orchestrator.contracts.cell import Cell, detach_state, map_state
 from orchestrator.testing.rules import ContractError, require, rule
+from orchestrator.testing.settings import check_settings
 
 STATE_FIX = ("return the state in the structure init_state makes (a tensor, or a tuple/list/dict of them), "
              "each tensor shaped like init_state's")
@@ -126,13 +127,11 @@ def check_deterministic(build) -> None:
 
 def check_cell(cls: type[Cell], input_size: int = 5, hidden_size: int = 8, **settings) -> None:
     """Run every cell rule on ``cls``, built with one and two layers (``settings``: its extra settings)."""
-    from orchestrator.testing.settings import check_settings
-
     require(isinstance(cls, type) and issubclass(cls, Cell), "cell.contract",
             f"{cls!r} is not a subclass of orchestrator.contracts.cell.Cell", "subclass Cell")
     check_settings(cls, "cell", {"hidden_size": hidden_size, **settings})
     for layers in (1, 2):
-        def build():
+        def build(layers=layers):
             return cls(input_size=input_size, hidden_size=hidden_size, num_layers=layers, **settings)
 
         with rule("cell.build", "accept input_size, hidden_size, num_layers, dropout and your own settings as "

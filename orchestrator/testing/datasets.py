@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule
 from orchestrator.testing.rules import ContractError, require, rule
+from orchestrator.testing.settings import check_settings
 
 WINDOW_FIX = ("cut the stream into batch_size contiguous rows and serve the windows of columns "
               "[k*bptt, (k+1)*bptt) in order (orchestrator.contracts.dataset.StreamWindows with "
@@ -56,7 +57,8 @@ def _check_batch(info: DatasetInfo, x, y, where: str) -> None:
     require(y.shape == x.shape[:2], "dataset.batches", f"{where}: y is {tuple(y.shape)}, expected [B, T] = "
             f"{tuple(x.shape[:2])}", fix)
     if info.task == "step_classification":
-        require(not y.is_floating_point(), "dataset.batches", f"{where}: class ids must be integers, got {y.dtype}", fix)
+        require(not y.is_floating_point(), "dataset.batches", f"{where}: class ids must be integers, got {y.dtype}",
+                fix)
         require(info.num_classes is not None and int(y.max()) < info.num_classes and int(y.min()) >= 0,
                 "dataset.batches", f"{where}: class id {int(y.max())} is not below num_classes={info.num_classes}",
                 "describe() must give the number of classes")
@@ -101,7 +103,7 @@ def check_datamodule(dm: SequenceDataModule, max_batches: int = 3) -> DatasetInf
                     "keeps the same rows from window to window", WINDOW_FIX)
             if info.task == "language_model":
                 for k in range(len(batches) - 1):
-                    (x0, y0), (x1, _) = batches[k], batches[k + 1]
+                    (_, y0), (x1, _) = batches[k], batches[k + 1]
                     require(torch.equal(y0[:, -1], x1[:, 0]), "dataset.windows",
                             f"{name} window {k + 1} does not continue window {k}: row r of a batch must carry "
                             "on where row r of the batch before stopped", WINDOW_FIX)
@@ -110,8 +112,6 @@ def check_datamodule(dm: SequenceDataModule, max_batches: int = 3) -> DatasetInf
 
 def check_dataset(cls: type[SequenceDataModule], **settings) -> None:
     """Run every dataset rule on ``cls`` built with ``settings`` (keep them small: this builds it twice)."""
-    from orchestrator.testing.settings import check_settings
-
     require(isinstance(cls, type) and issubclass(cls, SequenceDataModule), "dataset.contract",
             f"{cls!r} is not a subclass of orchestrator.contracts.dataset.SequenceDataModule",
             "subclass SequenceDataModule")

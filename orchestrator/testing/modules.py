@@ -20,6 +20,9 @@ Lightning ``Trainer`` on the CPU. Rules (each failure a
 
 from __future__ import annotations
 
+import logging
+
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
@@ -27,6 +30,8 @@ from orchestrator.contracts.cell import Cell, map_state
 from orchestrator.contracts.dataset import TASKS, DatasetInfo, StreamWindows
 from orchestrator.contracts.module import CellSpec, SequenceModule
 from orchestrator.testing.rules import require, rule
+from orchestrator.testing.settings import check_settings
+from orchestrator.training.quiet import quiet_lightning
 
 STATE_FIX = ("train through SequenceModule.run_batch (or keep its rule): carry the state from window to "
              "window, detached, and reset it at each epoch start")
@@ -81,13 +86,7 @@ def _build(cls, info, settings):
 
 
 def _fit(module, train, val, epochs: int = 2):
-    import logging
-    import warnings
-
-    import pytorch_lightning as pl
-
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    quiet_lightning(logging.ERROR)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          log_every_n_steps=1, deterministic=True)
@@ -123,8 +122,6 @@ def _equal(a, b) -> bool:
 
 def check_module(cls: type[SequenceModule], **settings) -> None:
     """Run every module rule on ``cls`` for each task it declares."""
-    from orchestrator.testing.settings import check_settings
-
     require(isinstance(cls, type) and issubclass(cls, SequenceModule), "module.contract",
             f"{cls!r} is not a subclass of orchestrator.contracts.module.SequenceModule", "subclass SequenceModule")
     tasks = tuple(getattr(cls, "tasks", ()))

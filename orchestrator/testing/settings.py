@@ -5,9 +5,11 @@ from __future__ import annotations
 import typing
 from typing import Any
 
+from orchestrator.errors import SpecError
+from orchestrator.spec.files import Source
+from orchestrator.spec.run import PLUGIN_SECTIONS, check_plugin_settings
 from orchestrator.testing.rules import ContractError
 
-SECTIONS = {"cell": "cells", "dataset": "datasets", "module": "modules"}
 FIX = ("declare each setting as a keyword argument of __init__ with a type hint and a default (ranges with "
        "typing.Annotated, e.g. orchestrator.contracts.settings.Count), so that orch can check study files")
 
@@ -18,8 +20,6 @@ def check_settings(cls: type, section: str, settings: dict[str, Any]) -> dict[st
 
     Returns the settings as orch converts them.
     """
-    from orchestrator.config import Source, SpecError, check_plugin_settings
-
     name = f"{section}.settings"
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -33,7 +33,7 @@ def check_settings(cls: type, section: str, settings: dict[str, Any]) -> dict[st
                                 "(not only under TYPE_CHECKING)") from exc
     checked = dict(settings)
     try:
-        check_plugin_settings(section, SECTIONS[section], cls, checked, Source(f"<{cls.__name__}>", {}))
+        check_plugin_settings(section, PLUGIN_SECTIONS[section], cls, checked, Source(f"<{cls.__name__}>", {}))
     except SpecError as exc:
         raise ContractError(name, exc.detail, FIX) from None
     return checked

@@ -38,7 +38,7 @@ class Echo(SequenceDataModule):
         seed: seeds the generator of all three series.
     """
 
-    #: small settings for ``orch plugins check`` (orchestrator.checks)
+    #: small settings for ``orch plugins check`` (orchestrator.registry.checks)
     quick_check_settings = {"length": 3000, "val_length": 600}
 
     def __init__(self, length: Count = 50_000, echo_step: Index = 3, batch_size: Count = 5, bptt: Count = 15,

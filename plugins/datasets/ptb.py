@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator import cache
-from orchestrator.contracts.dataset import DataUnavailable, DatasetInfo, SequenceDataModule, StreamWindows
+from orchestrator.contracts.dataset import DatasetInfo, DataUnavailable, SequenceDataModule, StreamWindows
 from orchestrator.contracts.settings import Count
 
 SPLITS = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
@@ -142,6 +142,21 @@ class PTB(SequenceDataModule):
             return Path(root).expanduser() / "ptb", "ORCH_DATA_DIR"
         cache = self.cache_dir if self.cache_dir is not None else platformdirs.user_cache_dir("orch")
         return Path(cache).expanduser() / "ptb", None
+
+    def data_files(self) -> tuple[Path, str | None, list[str]]:
+        """Where the files are read from (the folder, and how it was named: ``data_dir``,
+        ``ORCH_DATA_DIR``, or ``None`` for the user cache they are downloaded into) and what is
+        wrong with them (``"ptb.train.txt missing"``, ``"... fails its SHA-256"``), without loading
+        or downloading anything: what ``orch doctor`` shows."""
+        folder, source = self._folder()
+        problems = []
+        for name in SPLITS.values():
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{name} missing")
+            elif sha256_of(path.read_bytes()) != self.checksums[name]:
+                problems.append(f"{name} fails its SHA-256")
+        return folder, source, problems
 
     def _read(self, folder: Path, name: str, source: str | None) -> bytes:
         path = folder / name

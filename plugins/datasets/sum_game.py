@@ -109,7 +109,7 @@ class SumGame(SequenceDataModule):
             carried across them); ``None``: whole sequences.
     """
 
-    #: small settings for ``orch plugins check`` (orchestrator.checks)
+    #: small settings for ``orch plugins check`` (orchestrator.registry.checks)
     quick_check_settings = {"length": 4, "long_lengths": [8], "long_count": 20}
 
     def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: int = 0, batch_size: Count = 32,

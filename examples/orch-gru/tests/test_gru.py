@@ -1,6 +1,6 @@
-from orchestrator.testing import check_cell
-
 from orch_gru import Gru
+
+from orchestrator.testing import check_cell
 
 
 def test_gru_keeps_the_cell_contract():

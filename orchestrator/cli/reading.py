@@ -1,0 +1,85 @@
+"""``orch study show|best|report``: a study read back from its storage, without running anything.
+
+A study named by its file is parsed without importing its plugins (its file was checked when the
+study was created), so these commands start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from orchestrator import schema
+from orchestrator.cli.options import open_optuna, storage_option
+from orchestrator.errors import OrchError
+from orchestrator.execution.outcomes import state_of
+from orchestrator.report.page import page
+from orchestrator.report.summary import duration_of, retrain_for
+from orchestrator.report.terminal import header, trials_table
+from orchestrator.storage import record
+
+
+@click.command("show")
+@click.argument("target", metavar="FILE|NAME")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show(target: str, storage: str | None, as_json: bool) -> None:
+    """The study (storage, metric, budget, sampler, best) and its trials: state, value, epochs, params.
+
+    States are orch's: complete, pruned, failed, interrupted, lost (both retried, using no
+    budget), running, waiting.
+    """
+    ostudy, url = open_optuna(target, storage)
+    trials = ostudy.get_trials(deepcopy=False)
+    if as_json:
+        click.echo(json.dumps([{"number": t.number, "state": state_of(t), "value": t.value, "params": t.params,
+                                "error": t.user_attrs.get(schema.ERROR), "duration_s": duration_of(t)}
+                               for t in trials], indent=2))
+        return
+    stored = record.stored_or_none(url, ostudy.study_name)
+    console = Console()
+    console.print(header(ostudy, url, trials, stored))
+    console.print(trials_table(trials, reasons=None, max_epochs=stored.max_epochs if stored else None))
+
+
+@click.command("report")
+@click.argument("target", metavar="FILE|NAME")
+@storage_option
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write NAME-report.html into.")
+def report(target: str, storage: str | None, out_dir: str) -> None:
+    """One self-contained HTML page comparing the study's trials: summary, best trial and how to
+    retrain it, trials table, learning curves, optimisation history, parallel coordinates and
+    parameter importances. It opens from the file, with no server; prints its path."""
+    ostudy, url = open_optuna(target, storage)
+    stored = record.stored_or_none(url, ostudy.study_name)
+    path = Path(out_dir) / f"{ostudy.study_name}-report.html"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page(ostudy, url, stored, retrain_for(ostudy, url)), encoding="utf-8")
+    except OSError as exc:
+        raise OrchError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
+    click.echo(str(path.resolve()))
+
+
+@click.command("best")
+@click.argument("target", metavar="FILE|NAME")
+@storage_option
+def best(target: str, storage: str | None) -> None:
+    """The best trial's number, value and params, as JSON."""
+    ostudy, url = open_optuna(target, storage)
+    try:
+        top = ostudy.best_trial
+    except ValueError:
+        raise OrchError(f"study {ostudy.study_name!r} has no complete trial yet") from None
+    command = retrain_for(ostudy, url)
+    click.echo(json.dumps({"study": ostudy.study_name, "trial": top.number, "value": top.value,
+                           "params": top.params, "mlflow_run_id": top.user_attrs.get(schema.RUN_ID),
+                           "retrain": command}, indent=2))
+    click.echo(f"retrain and test it: {command}", err=True)
+
+
+COMMANDS = (show, best, report)

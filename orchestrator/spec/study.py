@@ -1,0 +1,215 @@
+"""Study files: the ``study`` section's schema and the validated :class:`Study`.
+
+A study file is a run file plus::
+
+    study:
+      name: ptb                     # Optuna study and MLflow experiment (default: file name)
+      metric: val_ppl
+      direction: minimize
+      trials: 20                    # the study's total budget
+      timeout: null                 # seconds for this invocation
+      sampler: {type: tpe, seed: 0}                 # tpe | random | cmaes | grid | qmc
+      pruner: {type: median, n_warmup_steps: 2}     # none | median | successive_halving | hyperband
+      resources: {workers: null, devices: null, trials_per_device: 1}
+      storage: null                 # default: a journal file under mlruns/optuna/
+      heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
+      checkpoint_dir: null          # where trials keep their last checkpoint (default mlruns/checkpoints)
+      space:
+        cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
+        cell.hidden_size: {type: int, low: 100, high: 800, step: 50}
+        module.lr: {type: float, low: 0.1, high: 2.0, log: true}
+        cell.forget_bias: {type: float, low: 0.0, high: 2.0, when: {cell.plugin: [lstm, diy_lstm]}}
+
+The search space is :mod:`orchestrator.spec.space`; the sampler and pruner
+:mod:`orchestrator.spec.samplers`. Nothing here reads or writes a store.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import SpecError
+from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
+from orchestrator.spec.run import RunSpec, validate
+from orchestrator.spec.samplers import make_pruner, make_sampler
+from orchestrator.spec.space import Param, corners, lookup, parse_space
+
+SAMPLERS = ("tpe", "random", "cmaes", "grid", "qmc")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+
+
+class NamedOptions(BaseModel):
+    """``{type: name, **keyword arguments of the Optuna class}``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workers: int | None = Field(default=None, ge=1)
+    devices: list[int] | None = None
+    trials_per_device: int = Field(default=1, ge=1)
+
+
+class HeartbeatSettings(BaseModel):
+    """How often a running trial tells an RDB storage it is alive, and after how long without a
+    sign of life it counts as lost (its worker killed, its machine gone) and is retried."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval: int = Field(default=30, ge=1)
+    grace_period: int = Field(default=120, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grace_period <= self.interval:
+            raise ValueError(f"grace_period ({self.grace_period}) must be longer than interval ({self.interval})")
+        return self
+
+
+class StudySection(BaseModel):
+    """The validated ``study`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    trials: int | None = Field(default=None, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    sampler: NamedOptions = NamedOptions(type="tpe")
+    pruner: NamedOptions = NamedOptions(type="none")
+    resources: Resources = Resources()
+    storage: str | None = None
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    checkpoint: bool = True
+    checkpoint_dir: str | None = None
+    space: dict[str, Param] = Field(default_factory=dict)
+
+
+class Study:
+    """A validated study file: the base run data, the study section, and where they came from."""
+
+    def __init__(self, data: dict[str, Any], section: StudySection, src: Source, base: RunSpec):
+        self.data = data
+        self.section = section
+        self.src = src
+        self.base = base
+
+    @property
+    def name(self) -> str:
+        return self.section.name or self.base.name or Path(self.src.path).stem
+
+    @property
+    def max_epochs(self) -> int | None:
+        """The epochs each trial trains (``None``: not a fixed number, or searched)."""
+        value = self.base.trainer.get("max_epochs")
+        return value if isinstance(value, int) and value > 0 else None
+
+    def spec_for(self, params: dict[str, Any]) -> RunSpec:
+        """The run of one trial: the file's settings with ``params`` (dotted keys) applied.
+
+        A searched setting whose ``when`` condition does not hold is absent from the run, even if
+        the file also gives it a fixed value (``cell.forget_bias`` for an ``rnn`` cell).
+        """
+        data = copy.deepcopy(self.data)
+        for key in self.section.space:
+            node = data
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            if key in params:
+                node[last] = params[key]
+            else:
+                node.pop(last, None)
+        # the machine was checked when the file was loaded; a worker's slot sets its own device
+        return validate(data, self.src, machine=False)
+
+
+def _section(data: dict[str, Any], src: Source) -> StudySection:
+    raw = data.get("study")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{src.path}: no study section: add study: with metric, direction and space "
+                        "(orch train runs a file without one)")
+    raw = dict(raw)
+    space = parse_space(raw.pop("space", {}) or {}, src)
+    try:
+        section = StudySection.model_validate({**raw, "space": {}})
+    except ValidationError as exc:
+        raise pydantic_error(exc, src, "study") from None
+    section.space = space
+    if section.sampler.type not in SAMPLERS:
+        raise src.error("study.sampler.type", f"unknown sampler {section.sampler.type!r}; "
+                        f"valid: {', '.join(SAMPLERS)}")
+    if section.pruner.type not in PRUNERS:
+        raise src.error("study.pruner.type", f"unknown pruner {section.pruner.type!r}; "
+                        f"valid: {', '.join(PRUNERS)}")
+    return section
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Load and fully validate a study file; any problem is one :class:`SpecError`."""
+    data, src = load_yaml(path)
+    src.overridden = override_keys(overrides)
+    searched = [k for k in src.overridden if k in ((data.get("study") or {}).get("space") or {})]
+    if searched:
+        raise SpecError(f"{path} (--set {searched[0]}): {searched[0]} is searched by study.space, so a fixed value "
+                        f"would be ignored; change its range (--set study.space.{searched[0]}.high=...) or take it "
+                        "out of the space")
+    return study_from(apply_overrides(data, overrides), src)
+
+
+def parsed_study(data: dict[str, Any], src: Source) -> Study:
+    """A study file parsed, without importing or checking its plugins (:func:`study_from` does):
+    for commands that only read a study (``show``, ``best``, ``report``, ``ui``), whose file was
+    checked when the study was created. Its :meth:`Study.spec_for` still checks each run."""
+    try:
+        base = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        raise pydantic_error(exc, src) from None
+    return Study(data, _section(data, src), src, base)
+
+
+def study_from(data: dict[str, Any], src: Source) -> Study:
+    """Validate a study's loaded data (from a file, or as stored with the study)."""
+    section = _section(data, src)
+    base = validate(data, src)
+    for key, p in section.space.items():
+        for cond in (p.when or {}):
+            if cond not in section.space and lookup(data, cond) is None:
+                raise src.error(f"study.space.{key}", f"condition on {cond!r}, which is neither a "
+                                "searched nor a fixed setting")
+    if section.sampler.type == "grid":
+        for key, p in section.space.items():
+            try:
+                p.grid()
+            except ValueError as exc:
+                raise src.error(f"study.space.{key}", f"{exc}") from None
+    for what, make in (("sampler", lambda: make_sampler(section)),
+                       ("pruner", lambda: make_pruner(section, base.trainer.get("max_epochs")))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make()
+        except Exception as exc:  # noqa: BLE001 - Optuna's own message names the bad option
+            raise src.error(f"study.{what}", f"study.{what}: {type(exc).__name__}: {exc}") from None
+    study = Study(data, section, src, base)
+    # every combination of choices and range ends must make a valid run
+    for params in corners(section, data):
+        try:
+            study.spec_for(params)
+        except SpecError as exc:
+            key = exc.key if exc.key in params else next(
+                (k for k in params if exc.key and exc.key.startswith(k.split(".")[0] + ".")), None)
+            if key is None:
+                raise
+            raise src.error(f"study.space.{key}", f"{exc.detail} (for the trial settings {params})") from None
+    return study
