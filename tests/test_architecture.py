@@ -15,6 +15,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 #: libraries that take a noticeable time to import (or start threads): imported where they are used
 HEAVY = {"torch", "pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "optuna", "matplotlib", "plotly",
@@ -189,3 +191,13 @@ def test_the_command_table_says_what_each_command_says():
     for name, (_, text) in COMMANDS.items():
         command = main.get_command(None, name)
         assert " ".join(command.help.split("\n\n")[0].split()) == text, name
+
+
+def test_every_package_of_orch_is_installed():
+    """A regular (not editable) install ships the packages ``pyproject.toml`` lists: all of them."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11 reads TOML")
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - listed == set()
+    folders = {path.parent for path in MODULES.values()}  # none a namespace package, which a wheel would drop
+    assert [f for f in folders if not (f / "__init__.py").is_file()] == []
