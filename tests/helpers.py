@@ -93,6 +93,19 @@ def write(path, data):
     return str(path)
 
 
+def start(*args, cwd, env=None, log: Path | None = None):
+    """`orch ...` in its own process group (so that a whole "machine" can be killed at once)."""
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, stdout=out,
+                            stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def journal(root: Path, name: str = "tiny") -> Path:
+    """The default journal file of study ``name`` run in the folder ``root``."""
+    return root / "mlruns" / "optuna" / f"{name}.journal"
+
+
 def orch(*args, cwd, env=None, timeout=600):
     """`orch ...` in a real process (workers are spawned processes)."""
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
@@ -116,8 +129,7 @@ def load(tmp_path, name="tiny"):
     import mlflow
     import optuna
 
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(tmp_path / "mlruns" / "optuna" / f"{name}.journal")))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal(tmp_path, name))))
     study = optuna.load_study(study_name=name, storage=storage)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     return (study, client, *runs_of(client, name))

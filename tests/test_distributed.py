@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -16,21 +14,13 @@ import mlflow
 import optuna
 import pytest
 
-from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, live_in_group, load, orch, runs_of, write
+from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, live_in_group, load, orch, runs_of, start, write
 
 CONTINUOUS = {"module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True},
               "cell.forget_bias": {"type": "float", "low": 0.0, "high": 2.0}}
 #: what must never appear in a log of a healthy study
 LOG_ERRORS = ("Traceback", "IntegrityError", "UniqueViolation", "database is locked", "deadlock",
               "could not obtain lock", "LockError")
-
-
-def start(*args, cwd, env=None, log: Path | None = None):
-    """`orch ...` in its own process group (so that a whole "machine" can be killed at once)."""
-    out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, stdout=out,
-                            stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
 
 
 def pg_study(url: str, name: str):

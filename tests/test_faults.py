@@ -28,19 +28,15 @@ from helpers import (
     check_agreement,
     echo_study,
     free_port,
+    journal,
     live_in_group,
     load,
     orch,
+    start,
     write,
 )
 
 TERM, INT = 128 + signal.SIGTERM, 128 + signal.SIGINT
-
-
-def start(*args, cwd, env=None):
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-                            start_new_session=True)
 
 
 def hang_study(tmp_path, *, epochs=4, trials=1, **study):
@@ -51,10 +47,6 @@ def hang_study(tmp_path, *, epochs=4, trials=1, **study):
     data["module"] = {"plugin": "flaky", "lr": 0.01, "mode": "hang", "release": str(tmp_path / "release")}
     data["trainer"]["max_epochs"] = epochs
     return write(tmp_path / "tiny.yaml", data)
-
-
-def journal(tmp_path, name="tiny"):
-    return tmp_path / "mlruns" / "optuna" / f"{name}.journal"
 
 
 def wait_for(predicate, what: str, timeout: float = 120, proc=None):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 
-from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, load, orch, stop_group, write
+from helpers import FLAKY, FLAKY_SRC, check_agreement, echo_study, journal, load, orch, stop_group, write
 
 
 def test_parallel_study_budget_agreement_and_resume(tmp_path, monkeypatch):
@@ -101,15 +101,15 @@ def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp
 def running_hang_trial(tmp_path, name="tiny", searched=True):
     """Wait for a trial in mode 'hang' (``searched``: as a sampled parameter, else the fixed
     setting) to be running with its MLflow run, then for it to be training."""
-    journal = tmp_path / "mlruns" / "optuna" / f"{name}.journal"
+    path = journal(tmp_path, name)
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.5)
-        if not journal.exists():
+        if not path.exists():
             continue
         try:
             study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(journal))))
+                optuna.storages.journal.JournalFileBackend(str(path))))
         except KeyError:  # the journal file is there, the study's record not yet
             continue
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

@@ -34,7 +34,7 @@ from orchestrator.spec.study import Study
 from orchestrator.storage import probes, record
 from orchestrator.storage.owners import worker_id
 from orchestrator.storage.urls import default_storage_url
-from orchestrator.tracking.parent import log_progress
+from orchestrator.tracking.parent import end_parent, log_progress
 
 
 @dataclass
@@ -203,7 +203,7 @@ class _Supervisor:
                 others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
             close_runs(self.joined.mlf, stopped)
             if not others:  # no other process is running trials of the study
-                self.joined.mlf.set_terminated(job.parent_run_id, "KILLED")
+                end_parent(self.joined.mlf, job.parent_run_id, finished=False)
         except Exception as again:  # a full or read-only store: the next run finds the trials lost
             if not (fault and resource_fault(again)):
                 raise
@@ -245,7 +245,7 @@ def _finish(study: Study, joined: Joined, ran: set[str] = frozenset()) -> Outcom
         # under the lock: no process joins (and reopens the parent run) between the check and the end
         with claims.claim_lock(joined.storage_url, study.name):
             if not any(t.state.name in ("RUNNING", "WAITING") for t in ostudy.get_trials(deepcopy=False)):
-                mlf.set_terminated(parent_id, "FINISHED")
+                end_parent(mlf, parent_id, finished=True)
     mine = [t for t in trials if t.user_attrs.get(schema.WORKER) in ran and t.state.name != "RUNNING"
             and not retryable(t)]
     failures: dict[str, int] = {}

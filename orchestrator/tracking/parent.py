@@ -85,6 +85,12 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
     return run_id
 
 
+def end_parent(mlf, run_id: str, finished: bool) -> None:
+    """Close the parent run: FINISHED once no trial is left to run, KILLED when the study was stopped
+    (the next ``study run`` or ``study worker`` opens it again)."""
+    mlf.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+
+
 def log_progress(mlf, parent_id: str, ostudy, counts: dict[str, int], metric: str, step: int) -> None:
     """The study so far on its parent run: trials by state, the best value, and the best trial's
     number, run and params as tags."""
