@@ -189,13 +189,16 @@ def test_the_core_never_imports_the_first_party_plugins():
     assert imported == []
 
 
-def test_the_command_table_says_what_each_command_says():
-    """``orch --help`` lists the commands from a table, without loading them: it must not drift."""
-    from orchestrator.cli import COMMANDS, main
+def test_the_command_tables_say_what_each_command_says():
+    """``orch --help`` and ``orch study --help`` list commands from tables, without loading them:
+    the tables must not drift from the commands' own help."""
+    from orchestrator.cli import main
+    from orchestrator.cli.study import study
 
-    for name, (_, text) in COMMANDS.items():
-        command = main.get_command(None, name)
-        assert " ".join(command.help.split("\n\n")[0].split()) == text, name
+    for group in (main, study):
+        for name, (_, text) in group.table.items():
+            command = group.get_command(None, name)
+            assert command.name == name and " ".join(command.help.split("\n\n")[0].split()) == text, name
 
 
 def test_every_package_of_orch_is_installed():

@@ -9,45 +9,29 @@ Optuna) only where they are used, so ``orch --help`` and ``orch plugins list`` s
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
 from orchestrator import __version__
+from orchestrator.cli.lazy import LazyGroup
 from orchestrator.errors import OrchError
 from orchestrator.secrets import redact
 
-#: each command: the module that defines it (as an attribute of its name) and its help's first sentence
+#: each command: ``module:function`` and its help's first sentence (``orch --help``)
 COMMANDS = {
-    "doctor": ("orchestrator.cli.doctor", "Versions, GPUs, data, storage, tracking and plugins on one screen; "
+    "doctor": ("orchestrator.cli.doctor:doctor", "Versions, GPUs, data, storage, tracking and plugins on one screen; "
                "exit 1 if the main job cannot run."),
-    "plugins": ("orchestrator.cli.plugins", "Installed cell, dataset and module plugins."),
-    "study": ("orchestrator.cli.study", "Optuna studies over run files: run, create, worker, show, best, report, "
+    "plugins": ("orchestrator.cli.plugins:plugins", "Installed cell, dataset and module plugins."),
+    "study": ("orchestrator.cli.study:study", "Optuna studies over run files: run, create, worker, show, best, report, "
               "copy, repair."),
-    "train": ("orchestrator.cli.train", "Train FILE's fixed settings once (a study section is ignored) and log it "
-              "to MLflow."),
-    "ui": ("orchestrator.cli.ui", "Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told "
+    "train": ("orchestrator.cli.train:train", "Train FILE's fixed settings once (a study section is ignored) and log "
+              "it to MLflow."),
+    "ui": ("orchestrator.cli.ui:ui", "Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told "
            "otherwise)."),
 }
 
 
-class _Orch(click.Group):
-    """The top-level group: commands loaded when they run, and an :class:`OrchError` from any of them
-    turned into one line and its exit status."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        return getattr(importlib.import_module(COMMANDS[name][0]), name)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit))
-                                for name in self.list_commands(ctx)])
+class _Orch(LazyGroup):
+    """The top-level group: an :class:`OrchError` from any command becomes one line and its exit status."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -57,7 +41,7 @@ class _Orch(click.Group):
             ctx.exit(exc.exit_code)
 
 
-@click.group(cls=_Orch, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Orch, table=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="orch")
 def main() -> None:
     """orch: plugin-based experiments for recurrent sequence models.

@@ -81,5 +81,3 @@ def best(target: str, storage: str | None) -> None:
                            "retrain": command}, indent=2))
     click.echo(f"retrain and test it: {command}", err=True)
 
-
-COMMANDS = (show, best, report)

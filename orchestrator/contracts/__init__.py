@@ -22,3 +22,6 @@ CONTRACTS: dict[str, tuple[str, str]] = {
 }
 
 KINDS: dict[str, str] = {"cells": "orch.cells", "datasets": "orch.datasets", "modules": "orch.modules"}
+
+# section of a run or study file -> the kind of plugin it names
+SECTIONS: dict[str, str] = {"dataset": "datasets", "cell": "cells", "module": "modules"}

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from orchestrator import cache as cache_file
 from orchestrator import registry
-from orchestrator.spec.run import PLUGIN_SECTIONS
+from orchestrator.contracts import SECTIONS
 
 CHECKS = "plugin-checks.json"
 
@@ -87,7 +87,7 @@ def refuse_broken(spec, datamodule=None, also: dict[str, set[str]] | None = None
     from orchestrator.testing import ContractError
     from orchestrator.testing.datasets import check_datamodule
 
-    for section, kind in PLUGIN_SECTIONS.items():
+    for section, kind in SECTIONS.items():
         if section == "dataset":  # checked below, as the run configures it
             continue
         for name in sorted({getattr(spec, section).plugin} | set((also or {}).get(kind, ()))):

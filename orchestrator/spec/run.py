@@ -16,10 +16,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from orchestrator import registry
+from orchestrator.contracts import SECTIONS
 from orchestrator.errors import PluginError
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
 
-PLUGIN_SECTIONS = {"dataset": "datasets", "cell": "cells", "module": "modules"}
+PLUGIN_SECTIONS = SECTIONS
 # settings orch passes itself, never taken from a file
 RESERVED = {"cells": {"input_size"}, "modules": {"cell", "info"}, "datasets": set()}
 
