@@ -4,6 +4,10 @@ Each finding is a row: a section, a name, what was found, and a status. ``fail``
 job (``orch study run studies/ptb.yaml``) cannot run as things are, and the row carries the fix in
 one line; ``warn`` is worth knowing but does not stop it (no GPU: the study takes a CPU slot).
 Passwords in storage and tracking URLs are never shown.
+
+Its checks import the third-party libraries they read (``packaging``, ``platformdirs`` through the
+plugin listing) themselves, so that a broken install is a finding, not a traceback: the one
+exception to "function-level imports only of heavy libraries" (``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 from orchestrator import __version__, registry
 from orchestrator.errors import PluginError, StoreError
-from orchestrator.registry.listing import listing
 from orchestrator.secrets import describe, redact, redact_url
 from orchestrator.storage.urls import default_storage_url, journal_path, sqlalchemy_url, sqlite_path
 from orchestrator.tracking.client import check_reachable, default_tracking_uri
@@ -44,6 +45,8 @@ class Finding:
 
 def _requirements() -> list[Finding]:
     """orch's declared dependencies against what is installed."""
+    from packaging.requirements import Requirement  # a broken install is a finding: see collect()
+
     try:
         required = metadata.requires("orch") or []
     except metadata.PackageNotFoundError:
@@ -110,7 +113,11 @@ def _data() -> list[Finding]:
     try:
         ptb = registry.get("datasets", "ptb")
     except PluginError as exc:
-        return [Finding("data", "ptb", f"not checked: {exc}", "warn", "see the plugins section")]
+        return [Finding("data", "ptb", f"not checked: {exc}", "fail", "reinstall orch: pip install -e .")]
+    if not callable(getattr(ptb, "data_files", None)):
+        where = registry.get_info("datasets", "ptb").distribution
+        return [Finding("data", "ptb", f"not checked: the ptb plugin of {where} does not say where its files are "
+                        "(no data_files())", "warn")]
     folder, source, bad = ptb().data_files()
     where = f"{folder} (from {source})" if source else f"{folder} (orch's user cache)"
     if not bad:
@@ -206,6 +213,8 @@ def _tracking(given: str | None) -> list[Finding]:
 
 
 def _plugins() -> list[Finding]:
+    from orchestrator.registry.listing import listing  # through the user cache: platformdirs, see collect()
+
     found, plugins = [], listing()
     for p in plugins:
         needed = (p.kind, p.name) in MAIN_JOB_PLUGINS

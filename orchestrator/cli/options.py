@@ -29,7 +29,7 @@ class Devices(click.ParamType):
         try:
             return [int(v) for v in str(value).split(",") if v.strip()] or None
         except ValueError:
-            self.fail(f"{value!r}: expected GPU ids such as 0,2", param, ctx)
+            raise UsageError(f"--devices {value!r}: expected GPU ids such as 0,2") from None
 
 
 def storage_option(f):
