@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import click
 
+from orchestrator.contracts import SECTIONS
 from orchestrator.errors import UsageError
 from orchestrator.spec.files import load_yaml
-from orchestrator.spec.run import PLUGIN_SECTIONS
 from orchestrator.spec.study import Study, load_study, parsed_study
 from orchestrator.storage import record
 from orchestrator.storage.urls import default_storage_url
@@ -70,7 +70,7 @@ def preflight(run, file: str, study: Study | None = None) -> None:
 
     also = {}
     if study is not None:
-        for section, kind in PLUGIN_SECTIONS.items():
+        for section, kind in SECTIONS.items():
             param = study.section.space.get(f"{section}.plugin")
             also[kind] = set(getattr(param, "choices", ()) or ())
     try:

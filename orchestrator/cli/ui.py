@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from orchestrator import schema
 from orchestrator.cli.options import is_file
 from orchestrator.errors import UsageError
 from orchestrator.secrets import describe, redact_url
@@ -23,7 +24,7 @@ from orchestrator.spec.study import parsed_study
 from orchestrator.storage import record
 from orchestrator.storage.urls import default_storage_url, sqlite_path
 from orchestrator.tracking import client
-from orchestrator.tracking.views import VIEW_KEY, VIEW_TAG_PREFIX, save_study_view, study_url
+from orchestrator.tracking.views import save_study_view, study_url
 
 
 @click.command()
@@ -106,7 +107,7 @@ def _ui_experiment(target: str, uri: str) -> str:
     if exp is None:
         known = ", ".join(sorted(e.name for e in mlf.search_experiments() if e.name != "Default")) or "none"
         raise UsageError(f"no study {name!r} in the MLflow store {redact_url(uri)}; its studies: {known}")
-    if VIEW_TAG_PREFIX + VIEW_KEY not in exp.tags:  # a study of an older orch: its view, saved now
+    if schema.VIEW_TAG_PREFIX + schema.VIEW_KEY not in exp.tags:  # a study of an older orch: its view, saved now
         if spec is None:  # not in the default storage: the link opens the plain runs table
             spec = record.stored_or_none(default_storage_url(name), name)
         if spec is not None:

@@ -20,7 +20,6 @@ from orchestrator.contracts import SECTIONS
 from orchestrator.errors import PluginError
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
 
-PLUGIN_SECTIONS = SECTIONS
 # settings orch passes itself, never taken from a file
 RESERVED = {"cells": {"input_size"}, "modules": {"cell", "info"}, "datasets": set()}
 
@@ -191,7 +190,7 @@ def validate(data: dict[str, Any], src: Source, machine: bool = True) -> RunSpec
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
         raise pydantic_error(exc, src, valid=list(RunSpec.model_fields)) from None
-    for section, kind in PLUGIN_SECTIONS.items():
+    for section, kind in SECTIONS.items():
         plugin = getattr(spec, section)
         try:
             cls = registry.get(kind, plugin.plugin)

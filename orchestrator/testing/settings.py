@@ -5,9 +5,10 @@ from __future__ import annotations
 import typing
 from typing import Any
 
+from orchestrator.contracts import SECTIONS
 from orchestrator.errors import SpecError
 from orchestrator.spec.files import Source
-from orchestrator.spec.run import PLUGIN_SECTIONS, check_plugin_settings
+from orchestrator.spec.run import check_plugin_settings
 from orchestrator.testing.rules import ContractError
 
 FIX = ("declare each setting as a keyword argument of __init__ with a type hint and a default (ranges with "
@@ -33,7 +34,7 @@ def check_settings(cls: type, section: str, settings: dict[str, Any]) -> dict[st
                                 "(not only under TYPE_CHECKING)") from exc
     checked = dict(settings)
     try:
-        check_plugin_settings(section, PLUGIN_SECTIONS[section], cls, checked, Source(f"<{cls.__name__}>", {}))
+        check_plugin_settings(section, SECTIONS[section], cls, checked, Source(f"<{cls.__name__}>", {}))
     except SpecError as exc:
         raise ContractError(name, exc.detail, FIX) from None
     return checked

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from orchestrator import schema
 from orchestrator.errors import StoreError
 from orchestrator.secrets import redact, redact_url, remember
 from orchestrator.storage.locks import init_lock
 from orchestrator.storage.urls import SQLITE, sqlite_path
-from orchestrator.tracking.views import KIND_TAG, MODEL_TRAINING
 
 DEFAULT_DIR = "mlruns"
 
@@ -101,7 +101,8 @@ def experiment_id(mlf, name: str) -> str:
     if sqlite_path(uri):
         location = (Path(sqlite_path(uri)).parent / "artifacts").resolve().as_uri()
     try:  # model training, so that MLflow's UI opens it on its runs, not in its GenAI mode
-        return mlf.create_experiment(name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING})
+        return mlf.create_experiment(name, artifact_location=location,
+                                     tags={schema.EXPERIMENT_KIND: schema.MODEL_TRAINING})
     except Exception:  # noqa: BLE001 - another process created it first
         exp = mlf.get_experiment_by_name(name)
         if exp is None:

@@ -17,9 +17,6 @@ from typing import Any
 
 from orchestrator import schema
 
-KIND_TAG, MODEL_TRAINING = schema.EXPERIMENT_KIND, schema.MODEL_TRAINING
-VIEW_TAG_PREFIX, VIEW_KEY = schema.VIEW_TAG_PREFIX, schema.VIEW_KEY
-
 
 def column(kind: str, key: str) -> str:
     """A runs-table column id of the MLflow UI (``kind``: attributes, params, metrics, tags)."""
@@ -45,13 +42,13 @@ def save_study_view(mlf, experiment_id: str, study) -> None:
     """Mark the experiment as model training and save the study's view of its trials."""
     section = study.section
     view = trial_view(section.metric, section.direction, list(section.space))
-    mlf.set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    mlf.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(view))
+    mlf.set_experiment_tag(experiment_id, schema.EXPERIMENT_KIND, schema.MODEL_TRAINING)
+    mlf.set_experiment_tag(experiment_id, schema.VIEW_TAG_PREFIX + schema.VIEW_KEY, json.dumps(view))
 
 
 def study_url(ui_base: str, experiment_id: str) -> str:
     """The link that opens the study's view in the MLflow UI at ``ui_base`` (http://host:port)."""
-    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={schema.VIEW_KEY}"
 
 
 def run_name(number: int, params: dict[str, Any]) -> str:

@@ -10,10 +10,11 @@ import pytorch_lightning as pl
 import torch
 
 from orchestrator import registry
+from orchestrator.contracts import SECTIONS
 from orchestrator.contracts.module import CellSpec
 from orchestrator.errors import IncompatibleError
 from orchestrator.registry import checks
-from orchestrator.spec.run import PLUGIN_SECTIONS, RunSpec
+from orchestrator.spec.run import RunSpec
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Built:
 def _data(spec: RunSpec):
     """Resolve the plugins, build the dataset and check that the module trains its task."""
     plugins, classes = {}, {}
-    for section, kind in PLUGIN_SECTIONS.items():
+    for section, kind in SECTIONS.items():
         info = registry.get_info(kind, getattr(spec, section).plugin)
         classes[section] = info.obj
         plugins[section] = {"name": info.name, "distribution": info.distribution, "version": info.version}
