@@ -23,7 +23,8 @@ from importlib import metadata
 from pathlib import Path
 
 from orchestrator import __version__, registry
-from orchestrator.errors import PluginError, StoreError
+from orchestrator.cpus import OVERRIDE, torch_threads, usable_cpus
+from orchestrator.errors import PluginError, StoreError, UsageError
 from orchestrator.secrets import describe, redact, redact_url
 from orchestrator.storage.urls import default_storage_url, journal_path, sqlalchemy_url, sqlite_path
 from orchestrator.tracking.client import check_reachable, default_tracking_uri
@@ -94,6 +95,19 @@ def _torch() -> list[Finding]:
             why += f" (CUDA_VISIBLE_DEVICES={visible!r})"
         found.append(Finding("torch", "GPUs", f"none: {why}; trials take CPU slots", "warn"))
     return found
+
+
+def _cpus() -> Finding:
+    """The cores orch plans worker slots and torch threads from, and where the figure came from."""
+    try:
+        cpus = usable_cpus()
+    except UsageError as exc:
+        return Finding("orch", "usable CPUs", str(exc), "fail", f"set {OVERRIDE} to a positive whole number, or unset "
+                       "it to count the cores this process may use")
+    value, theirs = str(cpus), os.environ.get("OMP_NUM_THREADS", "").strip()
+    if theirs.isdigit() and int(theirs) > 0:
+        value += f"; OMP_NUM_THREADS={theirs} is set: orch train gives torch {torch_threads(cpus)} thread(s)"
+    return Finding("orch", "usable CPUs", value)
 
 
 def _driver_version() -> str | None:
@@ -234,7 +248,8 @@ def collect(storage: str | None = None, tracking_uri: str | None = None) -> list
     """Every finding, section by section."""
     found = [Finding("orch", "version", f"{__version__} ({Path(__file__).resolve().parent})"),
              Finding("orch", "Python", f"{platform.python_version()} ({sys.executable})"),
-             Finding("orch", "platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs")]
+             Finding("orch", "platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"),
+             _cpus()]
     parts = {"packages": _requirements, "torch": _torch, "data": _data, "storage": lambda: _storage(storage),
              "tracking": lambda: _tracking(tracking_uri), "plugins": _plugins}
     for section, part in parts.items():

@@ -97,6 +97,8 @@ def resource_fault(exc: BaseException | None) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, ResourceFault):
+            return str(exc)
         code = getattr(exc, "errno", None)
         for name, what in _RESOURCE_ERRNOS.items():
             if code == getattr(errno, name, None):

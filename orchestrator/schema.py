@@ -66,6 +66,8 @@ VERSION = "orch.version"
 COMMAND = "orch.command"
 RUN_DEVICE = "orch.device"
 SEED = "orch.seed"
+#: the torch threads of a fit (the cores its process may use, split between its machine's workers)
+THREADS = "orch.threads"
 #: MLflow's own tag that makes a run the child of another
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -55,8 +55,8 @@ import time
 from orch_plugins.modules import StepClassification
 
 class Flaky(StepClassification):
-    '''Trains like step_classification, or raises, or produces a NaN loss, or hangs (0.2 s a
-    training step, until the file ``release`` exists, if given).'''
+    '''Trains like step_classification, or raises, or produces a NaN loss, or kills its process, or
+    hangs (0.2 s a training step, until the file ``release`` exists, if given).'''
 
     def __init__(self, cell, info, mode: str = "ok", release: str = "", **kwargs):
         super().__init__(cell, info, **kwargs)
@@ -69,6 +69,8 @@ class Flaky(StepClassification):
             raise RuntimeError("boom: this trial raises")
         if self.training and self.mode == "nan":
             return loss * float("nan")
+        if self.training and self.mode == "die":
+            os._exit(3)  # the worker process dies mid-step
         if self.training and self.mode == "hang" and not (self.release and os.path.exists(self.release)):
             time.sleep(0.2)
         return loss

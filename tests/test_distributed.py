@@ -318,7 +318,9 @@ def test_a_journal_study_s_trials_left_running_by_a_reboot_are_lost_and_retried(
         lost, retried, trials = claims.reap(ostudy)
     assert [e.number for e in lost] == [0, 3] and retried == [0]  # nothing to repeat of the ownerless one
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["orch.lost"] is True
-    assert trials[3].user_attrs["orch.error"] == "lost: its worker died while claiming it"
+    # it never trained: interrupted, which costs no try of a line's three
+    assert trials[3].user_attrs["orch.error"] == "interrupted: its worker stopped while claiming it"
+    assert trials[3].user_attrs["orch.interrupted"] is True and "orch.lost" not in trials[3].user_attrs
     assert [t.state.name for t in trials[1:3]] == ["RUNNING", "RUNNING"]
     assert trials[4].state.name == "WAITING" and claims.counted(trials) == 2  # lost ones and the retry: no budget
     retry = ostudy.ask()  # the next claim gets the retry, with the lost trial's parameters

@@ -327,8 +327,8 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_the_next_run_retries_it(
     study = load(tmp_path)[0]
     assert len(study.trials) == 4 and study.trials[3].number == ownerless.number
     assert study.trials[3].state.name == "FAIL"
-    assert study.trials[3].user_attrs["orch.error"] == "lost: its worker died while claiming it"
-    assert study.trials[3].user_attrs["orch.lost"] is True  # no budget used, and nothing to repeat
+    assert study.trials[3].user_attrs["orch.error"] == "interrupted: its worker stopped while claiming it"
+    assert study.trials[3].user_attrs["orch.interrupted"] is True  # no budget used, and nothing to repeat
 
 
 GRID_SPACE = {"cell.hidden_size": {"type": "int", "low": 4, "high": 12, "step": 4},

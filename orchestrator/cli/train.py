@@ -11,6 +11,7 @@ import click
 
 from orchestrator import schema
 from orchestrator.cli.options import preflight, set_option, storage_option
+from orchestrator.cpus import limit_threads
 from orchestrator.errors import IncompatibleError, OrchError, UsageError
 from orchestrator.secrets import redact_url
 from orchestrator.spec.files import apply_overrides, override_keys
@@ -41,6 +42,7 @@ def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None
     With --from-study NAME [--trial N], retrain a study's trial (its best by default) with the
     exact settings it ran with, as stored with the study, in the study's MLflow experiment.
     """
+    threads = limit_threads()  # OMP_NUM_THREADS, unless the user's, before anything imports torch
     tags = {schema.COMMAND: "train"}
     run_name = None
     if from_study:
@@ -56,9 +58,12 @@ def train(file: str | None, overrides: tuple[str, ...], tracking_uri: str | None
             raise UsageError("--trial goes with --from-study NAME")
         spec, _ = load_spec(file, overrides)
     preflight(spec, file)
+    import torch
+
     from orchestrator.contracts.module import NonFiniteLossError
     from orchestrator.training.fit import tracked_fit
 
+    torch.set_num_threads(threads)  # the usable cores, not every core of the node
     uri = client.resolve_tracking_uri(tracking_uri or spec.tracking_uri)
     client.check_reachable(uri)
     name = experiment or spec.name or Path(file).stem

@@ -11,19 +11,22 @@ early, open the study, supervise the workers (:class:`_Supervisor`), then summar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import schema
+from orchestrator import outages, schema
 from orchestrator.errors import ResourceFault, SpecError, Stopped, resource_fault
 from orchestrator.execution import claims, stopping, workers
 from orchestrator.execution.opening import Joined, open_study
-from orchestrator.execution.outcomes import close_runs, counts_of, retryable
+from orchestrator.execution.outcomes import close_runs, counts_of, reconcile, retryable
 from orchestrator.execution.slots import slots_for
 from orchestrator.report.page import log_to_run
 from orchestrator.report.summary import retrain_for
@@ -35,6 +38,7 @@ from orchestrator.storage import probes, record
 from orchestrator.storage.owners import worker_id
 from orchestrator.storage.urls import default_storage_url
 from orchestrator.tracking.parent import end_parent, log_progress
+from orchestrator.tracking.retrying import RetryingClient, short_http_retries
 
 
 @dataclass
@@ -81,11 +85,18 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     if create and budget is None and timeout is None:
         raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass --trials/--timeout")
     slots = slots_for(study, devices, workers_n, trials_per_device)
+    short_http_retries()  # MLflow's retries take seconds, not minutes: the outage window decides
+    # the study's storage, waited for while it is away (the workers decide when an outage is too long)
+    db = outages.Outage(f"the Optuna storage {redact_url(storage_url)}", section.outage_grace)
+    faults = tempfile.mkdtemp(prefix="orch-faults-")  # where a worker stopped by a fault says why
     # their imports overlap the opening of the study and its MLflow run; no more than the budget can use
     early = workers.Prestarted(slots[:budget] if budget is not None else slots)
     try:
-        joined = open_study(study, storage_url, create=create, tracking_uri=tracking_uri,
+        joined = open_study(study, storage_url, create=create, tracking_uri=tracking_uri, outage=db,
                             **({"budget": budget} if create else {}))
+        # the coordinator's MLflow calls wait out an outage too (its own clean-up never waits: no_wait)
+        joined.mlf = RetryingClient(joined.mlf, outages.Outage(
+            f"the MLflow tracking store {redact_url(joined.tracking_uri)}", section.outage_grace))
         budget = record.budget(joined.ostudy)
         if joined.lost:
             echo(f"trials {joined.lost} were lost with their worker: marked failed, and retried")
@@ -96,7 +107,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
             slots = slots[:max(budget - already, 0)]
         job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
                           parent_run_id=joined.parent_run_id, deadline=time.time() + timeout if timeout else None,
-                          checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid())
+                          checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid(), faults=faults)
         echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
              f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
              f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
@@ -104,13 +115,21 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
         ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
     finally:
         early.cancel()
+        shutil.rmtree(faults, ignore_errors=True)
     return _finish(study, joined, ran)
+
+
+#: a worker slot whose process died this many times within RESTART_WINDOW seconds is not restarted
+MAX_RESTARTS, RESTART_WINDOW = 5, 600.0
 
 
 class _Supervisor:
     """Starts one process per slot (handing its job to the one started early), replaces any that
-    dies (its trial is lost, and retried), shows progress. A stop signal (:class:`Stopped`) or a
-    worker's resource fault stops them all, their trials interrupted."""
+    dies (its trial is lost, and retried; at most :data:`MAX_RESTARTS` times in
+    :data:`RESTART_WINDOW` seconds per slot), shows progress. A stop signal (:class:`Stopped`) or
+    a worker's resource fault (a store away for longer than its window) stops them all, their
+    trials interrupted. While the storage is away it waits: progress is shown again when it answers.
+    """
 
     def __init__(self, job: workers.Job, slots, joined: Joined, budget: int | None, echo, live: bool,
                  early: workers.Prestarted):
@@ -118,7 +137,7 @@ class _Supervisor:
         self.echo, self.live, self.early = echo, live, early
         self.procs: dict[int, multiprocessing.Process] = {}
         self.ran: set[str] = set()  # the ids of the worker processes it ran
-        self.crashes = {slot.index: 0 for slot in slots}  # consecutive crashes with no trial finished between
+        self.deaths = {slot.index: collections.deque() for slot in slots}  # when each slot's worker died
         self.display = LiveTable(live)
         self.last = ""
 
@@ -133,7 +152,7 @@ class _Supervisor:
                         self._check(slot)
                     self._show_progress()
                     time.sleep(0.5)
-        except (Stopped, ResourceFault) as exc:
+        except BaseException as exc:  # a stop signal, a fault, or a bug here: no worker is left behind
             self._stop_all(exc)
             raise
         return self.ran
@@ -151,35 +170,60 @@ class _Supervisor:
         self.ran.add(worker_id(p.pid))
 
     def _check(self, slot) -> None:
-        """A worker that exited: done (0), a resource fault (stops the study), else replaced, its
-        trial lost (unless it keeps failing before running any)."""
+        """A worker that exited: done (0), a fault (stops the study), else replaced, its trial lost
+        (unless the slot's workers keep dying: :data:`MAX_RESTARTS`)."""
         p = self.procs.get(slot.index)
         if p is None or p.is_alive():
             return
         p.join()
         del self.procs[slot.index]
         if p.exitcode == workers.RESOURCE_EXIT:
-            raise ResourceFault(f"worker {slot.index} ({slot.device}) met a fault that retrying cannot fix (see its "
-                                "message above)")
+            raise ResourceFault(self._fault_of(p, slot))
         if p.exitcode == 0:
             return
-        lost = claims.fail_orphans(self.joined.ostudy, dead={worker_id(p.pid)})
-        close_runs(self.joined.mlf, lost)
+        try:
+            with outages.no_wait():  # the storage away: the next claim of any worker finds the trial lost
+                lost = claims.fail_orphans(self.joined.ostudy, dead={worker_id(p.pid)})
+                close_runs(self.joined.mlf, lost)
+        except outages.Unavailable:
+            lost = []
         stopped = p.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM)  # preempted on its own
-        self.crashes[slot.index] = 0 if lost or stopped else self.crashes[slot.index] + 1
-        give_up = self.crashes[slot.index] >= 3
+        deaths, now = self.deaths[slot.index], time.monotonic()
+        deaths.append(now)
+        while deaths and now - deaths[0] > RESTART_WINDOW:
+            deaths.popleft()
+        give_up = len(deaths) >= MAX_RESTARTS
+        retried = [e.number for e in lost if e.retried]
+        dropped = [e.number for e in lost if not e.retried and e.state != "failed"]
+        failed = [e.number for e in lost if e.state == "failed"]
         self.echo(f"worker {slot.index} ({slot.device}) exited with code {p.exitcode}"
                   + (" (stopped by a signal; its trial is interrupted and retried)" if stopped else "")
-                  + (f"; trial(s) {[e.number for e in lost]} lost, to be retried" if lost else "")
-                  + ("; it keeps failing before running a trial, so it is not restarted"
-                     if give_up else "; restarting it"))
+                  + (f"; trial(s) {retried} lost, to be retried" if retried else "")
+                  + (f"; trial(s) {dropped} lost before drawing parameters (no budget used, nothing to retry)"
+                     if dropped else "")
+                  + (f"; trial(s) {failed} lost for the last time, counted as failed" if failed else "")
+                  + (f"; its workers died {len(deaths)} times in {RESTART_WINDOW / 60:g} minutes, so it is not "
+                     "restarted" if give_up else "; restarting it"))
         if not give_up:
             self._start(slot)
 
+    def _fault_of(self, p, slot) -> str:
+        """The one line worker ``p`` wrote when a fault stopped it."""
+        try:
+            with open(workers.fault_file(self.job.faults, p.pid)) as f:
+                return f.read(2000).strip()
+        except (OSError, TypeError):
+            return f"worker {slot.index} ({slot.device}) met a fault that retrying cannot fix (see its message above)"
+
     def _show_progress(self) -> None:
         ostudy, study = self.joined.ostudy, self.job.study
-        trials = ostudy.get_trials(deepcopy=False)
-        line = progress_line(study.name, counts_of(trials), self.budget, _best_value(ostudy), study.section.metric)
+        try:
+            with outages.no_wait():
+                trials = ostudy.get_trials(deepcopy=False)
+                best = _best_value(ostudy)
+        except outages.Unavailable:
+            return  # shown again when the storage answers
+        line = progress_line(study.name, counts_of(trials), self.budget, best, study.section.metric)
         if self.live:  # every round: running trials move on from epoch to epoch
             self.display.update(line, trials, study.max_epochs)
         elif line != self.last:
@@ -190,22 +234,23 @@ class _Supervisor:
         """Stop every worker, then end their running trials interrupted (and the parent run, if no
         other process of the study runs trials)."""
         stopping.ignore()  # a second signal must not cut the clean-up short
-        fault = isinstance(exc, ResourceFault)
-        self.echo(f"{'a fault that retrying cannot fix' if fault else exc}: stopping the workers; their running "
+        self.echo(f"{exc if isinstance(exc, Stopped) else 'a fault (below)'}: stopping the workers; their running "
                   "trials are marked interrupted, and the next run (or any worker of the study) runs them again")
         _stop_workers(list(self.procs.values()), exc.signum if isinstance(exc, Stopped) else signal.SIGTERM)
         ostudy, job = self.joined.ostudy, self.job
         try:
             # under the claim lock, an ownerless running trial is one a stopped worker had just asked for
-            with claims.claim_lock(job.storage_url, job.study.name):
-                stopped = claims.fail_orphans(ostudy, interrupted=True, dead={
-                    worker_id(p.pid) for p in self.procs.values() if p.pid is not None} | {""})
-                others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
-            close_runs(self.joined.mlf, stopped)
-            if not others:  # no other process is running trials of the study
-                end_parent(self.joined.mlf, job.parent_run_id, finished=False)
-        except Exception as again:  # a full or read-only store: the next run finds the trials lost
-            if not (fault and resource_fault(again)):
+            with outages.no_wait():
+                with claims.claim_lock(job.storage_url, job.study.name):
+                    stopped = claims.fail_orphans(ostudy, interrupted=True, dead=self.ran | {
+                        worker_id(p.pid) for p in self.procs.values() if p.pid is not None} | {""})
+                    others = any(t.state.name == "RUNNING" for t in ostudy.get_trials(deepcopy=False))
+                close_runs(self.joined.mlf, stopped)
+                if not others:  # no other process is running trials of the study
+                    end_parent(self.joined.mlf, job.parent_run_id, finished=False)
+        except Exception as again:  # a full, read-only or absent store: the next run finds the trials lost
+            if not (resource_fault(again) or outages.connection_problem(again)) or not isinstance(
+                    exc, (Stopped, ResourceFault)):
                 raise
 
 
@@ -237,6 +282,8 @@ def _finish(study: Study, joined: Joined, ran: set[str] = frozenset()) -> Outcom
     """Counts and best trial on the parent run; once no trial is running or waiting (in any process
     of the study), the figures and the report too, and the parent run ends FINISHED."""
     ostudy, mlf, parent_id = joined.ostudy, joined.mlf, joined.parent_run_id
+    with contextlib.suppress(Exception):  # runs a store outage left RUNNING; the next run tries again
+        reconcile(ostudy, mlf, study.name)
     trials = ostudy.get_trials(deepcopy=False)
     counts = counts_of(trials)
     log_progress(mlf, parent_id, ostudy, counts, study.section.metric, step=len(trials))

@@ -14,11 +14,12 @@ from typing import Any
 from orchestrator import schema
 from orchestrator.errors import OrchError, StoreError
 from orchestrator.execution import claims
-from orchestrator.execution.outcomes import close_runs
+from orchestrator.execution.outcomes import close_runs, reconcile, run_verdict
 from orchestrator.secrets import describe, redact_url
 from orchestrator.spec.study import Study
 from orchestrator.storage import probes, record
 from orchestrator.storage.backends import open_storage
+from orchestrator.storage.retrying import retrying
 from orchestrator.tracking import client
 from orchestrator.tracking.parent import parent_run, study_tracking_uri
 
@@ -39,12 +40,14 @@ class Joined:
 
 
 def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: str | None = None,
-               budget: Any = _UNSET) -> Joined:
+               budget: Any = _UNSET, outage=None) -> Joined:
     """Create (``create``) or join the study, under its lock, and find or create its parent run.
 
     Joining checks that ``study`` is the study that the storage holds (a changed search space or
     fixed setting is a :class:`~orchestrator.errors.SpecError` naming the settings). ``budget`` (``None``: no limit)
-    replaces the stored budget. Lost trials found on the way are failed and queued again.
+    replaces the stored budget. Lost trials found on the way are failed and queued again, and
+    trial runs left RUNNING in MLflow whose trial has ended are closed in its state. ``outage``: an
+    :class:`~orchestrator.outages.Outage` the study's storage calls go through once it is open.
     """
     import optuna
 
@@ -59,7 +62,7 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
         client.check_reachable(tracking_uri)
     try:
         with lock:
-            ostudy = _load(study, storage_url, create)
+            ostudy = _load(study, storage_url, create, outage)
             attrs = ostudy.user_attrs
             record.check_spec(study, ostudy, attrs.get(schema.SPEC), shown, update=create)
             if budget is not _UNSET and attrs.get(schema.BUDGET, _UNSET) != budget:
@@ -75,20 +78,26 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
                 raise
             except Exception as exc:  # noqa: BLE001 - unreachable or refusing tracking server, ...
                 raise StoreError(f"cannot use the MLflow tracking store {redact_url(uri)}: {describe(exc)}") from None
-            lost, retried, _ = claims.reap(ostudy)
+            lost, retried, _ = claims.reap(ostudy, verdict=run_verdict(mlf))
     except OrchError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable server, bad URL, missing driver, ...
         raise StoreError(f"cannot open the Optuna storage {shown}: {describe(exc)}") from None
     close_runs(mlf, lost)
+    try:  # Optuna and MLflow agree again after an outage of either
+        reconcile(ostudy, mlf, study.name)
+    except Exception:  # noqa: BLE001 - the next run tries again
+        pass
     return Joined(ostudy, storage_url, uri, mlf, parent, [e.number for e in lost], retried)
 
 
-def _load(study: Study, storage_url: str, create: bool):
+def _load(study: Study, storage_url: str, create: bool, outage=None):
     """The Optuna study, created if ``create`` and not there; its direction must be the file's."""
     import optuna
 
     storage = open_storage(storage_url, study.section.heartbeat)
+    if outage is not None:
+        storage = retrying(optuna.storages.get_storage(storage), outage)
     direction = study.section.direction
     if create:
         ostudy = optuna.create_study(study_name=study.name, storage=storage, direction=direction,

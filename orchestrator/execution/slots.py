@@ -1,15 +1,15 @@
 """Worker slots: where each worker process of a study runs on this machine.
 
 One slot per device: ``trials_per_device`` slots on each GPU (every visible one unless
-``--devices``), else ``--workers`` CPU slots; the machine's cores are split between them for
-torch's threads.
+``--devices``), else ``--workers`` CPU slots; the cores this process may use (its affinity mask and
+cgroup CPU quota, or ``ORCH_CPUS``: :mod:`orchestrator.cpus`) are split between them for torch's threads.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+from orchestrator.cpus import usable_cpus
 from orchestrator.errors import UsageError
 
 
@@ -51,4 +51,4 @@ def slots_for(study, devices: list[int] | None, workers: int | None, trials_per_
             raise UsageError(f"devices {devices}: this machine has {gpu_count} visible GPU(s)")
     return plan_slots(accelerator=accelerator, devices=devices, workers=workers or study.section.resources.workers,
                       trials_per_device=trials_per_device or study.section.resources.trials_per_device,
-                      gpu_count=gpu_count, cpu_count=os.cpu_count() or 1)
+                      gpu_count=gpu_count, cpu_count=usable_cpus().count)

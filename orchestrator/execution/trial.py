@@ -5,11 +5,17 @@ line left off (:func:`_prepare`), fit it (:func:`_fit`), then end it in one of t
 :mod:`orchestrator.execution.outcomes` (:func:`_end`). A retried trial (``orch.retry_of``)
 continues from the last checkpoint of its line, if the checkpoint store has one, with the
 earlier epochs' metrics copied to its MLflow run and reported to Optuna again.
+
+A trial whose lease was lost meanwhile (another process declared it lost:
+:mod:`orchestrator.execution.lease`) stops at its next step and writes nothing more; a store
+that is away is waited out (:mod:`orchestrator.outages`), and one away for longer than its
+window interrupts the trial and stops the study.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +23,9 @@ from typing import Any
 
 from orchestrator import schema
 from orchestrator.errors import ResourceFault, SpecError, resource_fault
-from orchestrator.execution import stopping
-from orchestrator.execution.outcomes import conclude
+from orchestrator.execution import lease, stopping
+from orchestrator.execution.outcomes import conclude, interrupt
+from orchestrator.outages import unavailable_in
 from orchestrator.secrets import redact
 from orchestrator.spec.space import suggest
 from orchestrator.storage import optuna_api, owners
@@ -38,6 +45,7 @@ class _Run:
     spec: Any = None
     key: str = ""
     resume_at: int | None = None
+    pruning: Any = None  # its pruning callback, which may hold reports not written yet
 
 
 def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
@@ -47,16 +55,27 @@ def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
 
     from orchestrator.training import checkpoints
 
+    held = lease.current()
     run = _open_run(job, trial, mlf, slot, offset)
     try:
         _prepare(job, ostudy, trial, mlf, run)
         value = _fit(job, trial, mlf, slot, run)
+        if held is not None:
+            held.finishing()
+        mlf.log_metric(run.run_id, schema.OBJECTIVE, value)
+    except lease.TrialLost:  # its retry runs elsewhere: nothing more is written, its checkpoints are the retry's
+        for tmp in run.folder.glob(f"*.{os.getpid()}.tmp"):
+            tmp.unlink(missing_ok=True)
+        return "lost"
     except optuna.TrialPruned as exc:
+        if held is not None:
+            held.finishing()
         state = conclude(ostudy, trial, mlf, run.run_id, "pruned", error=str(exc))
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
-        state = _end(ostudy, trial, mlf, run.run_id, exc)
+        if held is not None:
+            held.finishing()
+        state = _end(ostudy, trial, mlf, run, exc)
     else:
-        mlf.log_metric(run.run_id, schema.OBJECTIVE, value)
         state = conclude(ostudy, trial, mlf, run.run_id, "complete", value=value)
     if state in ("complete", "pruned", "failed"):  # interrupted and lost ones resume from it
         checkpoints.remove(run.folder)  # the best checkpoint is in MLflow; nothing is left to resume
@@ -107,12 +126,16 @@ def _fit(job, trial, mlf, slot, run: _Run) -> float:
     section = job.study.section
     overrides = {"accelerator": "gpu", "devices": 1} if slot.gpu is not None else {"accelerator": "cpu"}
     mode = "min" if section.direction == "minimize" else "max"
+    held = lease.current()
+    run.pruning = callbacks.pruning(trial, section.metric)
     result = tracked_fit(run.spec, mlf, run.run_id,
-                         callbacks=[callbacks.pruning(trial, section.metric), callbacks.interruption()],
+                         callbacks=[run.pruning, callbacks.interruption()],
                          checkpoint=(section.metric, mode) if section.checkpoint else None,
                          ckpt_dir=run.folder, ckpt_key=run.key,
                          resume=run.folder / checkpoints.LAST if run.resume_at else None,
+                         may_write=held.may_write if held is not None else (lambda: True),
                          enable_progress_bar=False, **overrides)
+    run.pruning.flush()  # the reports kept while the storage was away (waits for it)
     value = result.metrics.get(section.metric)
     if value is None:
         raise RuntimeError(f"the run did not log {section.metric!r}; it logged: "
@@ -122,31 +145,34 @@ def _fit(job, trial, mlf, slot, run: _Run) -> float:
     return value
 
 
-def _end(ostudy, trial, mlf, run_id: str, exc: BaseException) -> str:
-    """End a trial that raised ``exc``: interrupted (a stop signal, or a resource fault, which then
-    stops the study with :class:`ResourceFault`) and retried, else failed with its reason."""
+def _end(ostudy, trial, mlf, run: _Run, exc: BaseException) -> str:
+    """End a trial that raised ``exc``: interrupted (a stop signal; a store away for longer than its
+    outage window, or a resource fault, which then stop the study with :class:`ResourceFault`) and
+    retried, else failed with its reason."""
     # a stop signal (the flag, Lightning's SIGTERMException, a KeyboardInterrupt) interrupts the
     # trial: it is retried and uses no budget; a fault that retrying cannot fix (a full disk, a
-    # read-only store) interrupts it too, and stops the study
+    # read-only store, a store away for too long) interrupts it too, and stops the study
     fatal = resource_fault(exc)
-    if stopping.requested() is not None or isinstance(exc, KeyboardInterrupt) or fatal:
-        reason = (f"interrupted: {fatal}" if fatal else
+    away = unavailable_in(exc)  # a store that did not answer in time, met outside its retries
+    if stopping.requested() is not None or isinstance(exc, KeyboardInterrupt) or fatal or away:
+        reason = (f"interrupted: {fatal}" if fatal else f"interrupted: a store does not answer ({away}); it is "
+                  "retried with the same parameters" if away else
                   f"interrupted ({signal.Signals(stopping.requested() or signal.SIGINT).name}) while running; "
                   "it is retried with the same parameters, from its last checkpoint")
         attrs = {schema.ERROR: redact(reason)[:2000], schema.INTERRUPTED: True}
-        state = "interrupted"
-        try:
-            state = conclude(ostudy, trial, mlf, run_id, "interrupted", error=reason, attrs=attrs)
-        except Exception as again:  # noqa: BLE001 - the store itself is full or read-only: the trial
-            if not resource_fault(again):  # stays RUNNING, and the next run finds it lost in both
-                raise
+        if run.pruning is not None and run.pruning.pending and not fatal:
+            try:  # its retry carries its reports over
+                run.pruning.flush()
+            except Exception:  # noqa: BLE001 - away, or lost: the retry reruns those epochs
+                pass
+        state = interrupt(ostudy, trial, mlf, run.run_id, reason, attrs)
         if fatal:
             raise ResourceFault(fatal) from exc
         return state
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise exc
     reason = exc.detail if isinstance(exc, SpecError) else f"{type(exc).__name__}: {exc}"
-    return conclude(ostudy, trial, mlf, run_id, "failed", error=exc, attrs={schema.ERROR: redact(reason)[:2000]})
+    return conclude(ostudy, trial, mlf, run.run_id, "failed", error=exc, attrs={schema.ERROR: redact(reason)[:2000]})
 
 
 def _carry_over(ostudy, trial, mlf, run_id: str, resume_at: int) -> None:

@@ -6,6 +6,11 @@ on this machine and others, is never overshot), sample its parameters, run it in
 MLflow child run (:mod:`orchestrator.execution.trial`), and tell Optuna the outcome. Optuna and
 MLflow always end in the same state: complete, pruned (the pruner, or a per-epoch report), failed
 (with the reason), or interrupted (a stop signal, a full disk: retried, no budget used).
+
+Both stores are reached through proxies that wait out their outages
+(:mod:`orchestrator.outages`): a database restart or a tracking server away for minutes costs
+the trials nothing. A store away for longer than ``study.outage_grace`` stops the worker with
+:data:`RESOURCE_EXIT`, its one-line reason written for the coordinator (``Job.faults``).
 """
 
 from __future__ import annotations
@@ -17,17 +22,20 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from orchestrator import secrets
+from orchestrator import outages, secrets
 from orchestrator.errors import ResourceFault
 from orchestrator.execution import stopping
-from orchestrator.execution.claims import claim, claim_lock
-from orchestrator.execution.heartbeat import TrialHeartbeat
+from orchestrator.execution.claims import claim, claim_lock, reap_stale
+from orchestrator.execution.lease import Lease
 from orchestrator.execution.slots import Slot
 from orchestrator.execution.trial import run_trial
+from orchestrator.secrets import redact, redact_url
 from orchestrator.spec.samplers import make_pruner, make_sampler
 from orchestrator.storage import record
 from orchestrator.storage.backends import open_storage
+from orchestrator.storage.retrying import retrying
 from orchestrator.tracking import client
+from orchestrator.tracking.retrying import RetryingClient, short_http_retries
 from orchestrator.training.quiet import quiet_lightning
 
 #: exit code of a worker stopped by a :class:`~orchestrator.errors.ResourceFault` (EX_TEMPFAIL)
@@ -46,6 +54,12 @@ class Job:
     deadline: float | None
     checkpoint_dir: str  # the root of the checkpoint store (orchestrator.training.checkpoints)
     parent_pid: int  # the coordinator: a worker stops when it is gone
+    faults: str | None = None  # a private folder where a worker stopped by a fault writes why, for the coordinator
+
+
+def fault_file(faults: str, pid: int) -> str:
+    """Where worker ``pid`` writes the one line that says why it stopped the study."""
+    return os.path.join(faults, f"worker-{pid}.fault")
 
 
 class Prestarted:
@@ -142,30 +156,72 @@ def _prepare(slot: Slot, parent_pid: int) -> None:
 
 def _work(job: Job, slot: Slot) -> None:
     """Claim and run trials until the budget is met, the deadline passes or a stop is requested."""
-    import optuna
-
     secrets.remember(job.storage_url)  # hidden from this process's messages and tracebacks too
     secrets.remember(job.tracking_uri)
+    short_http_retries()
+    window = job.study.section.outage_grace
+
+    def stop() -> bool:
+        return stopping.requested() is not None
+
+    db = outages.Outage(f"the Optuna storage {redact_url(job.storage_url)}", window, stop=stop)
+    tracking = outages.Outage(f"the MLflow tracking store {redact_url(job.tracking_uri)}", window, stop=stop)
+    outages.watch(db, tracking)
+    try:
+        _claim_and_run(job, slot, db, tracking)
+    except ResourceFault as exc:  # a full disk, a store away for longer than its window
+        _report_fault(job, exc)
+        sys.exit(RESOURCE_EXIT)
+    except outages.Unavailable:  # asked to stop while a store was away: the coordinator ends its trial
+        if stopping.requested() is None:
+            raise
+    if stopping.requested() is not None:
+        sys.exit(stopping.exit_code())
+
+
+def _claim_and_run(job: Job, slot: Slot, db, tracking) -> None:
+    import optuna
 
     section = job.study.section
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    ostudy = optuna.load_study(study_name=job.study.name, storage=open_storage(job.storage_url, section.heartbeat),
-                               pruner=make_pruner(section, job.study.base.trainer.get("max_epochs")))
-    mlf = client.client(job.tracking_uri)
+
+    def load():
+        storage = optuna.storages.get_storage(open_storage(job.storage_url, section.heartbeat))
+        return optuna.load_study(study_name=job.study.name, storage=retrying(storage, db),
+                                 pruner=make_pruner(section, job.study.base.trainer.get("max_epochs")))
+
+    ostudy = db.call(load)
+    mlf = RetryingClient(tracking.call(client.client, job.tracking_uri), tracking)
     lock = claim_lock(job.storage_url, job.study.name)
-    with lock:
-        offset = record.next_sampler_offset(ostudy)
+
+    def offset_of():
+        with lock:
+            return record.next_sampler_offset(ostudy)
+
+    offset = db.call(offset_of)
     ostudy.sampler = make_sampler(section, offset=offset)
     poll = min(2.0, float(section.heartbeat.interval))
+    reaper_lock = claim_lock(job.storage_url, job.study.name)  # the heartbeat thread's own connection
     while stopping.requested() is None:
-        trial = claim(ostudy, lock, job.deadline, mlf, poll=poll, stop=stopping.requested)
+        trial = claim(ostudy, lock, job.deadline, mlf, poll=poll, stop=stopping.requested, outage=db)
         if trial is None:
             break
+        # RDB storages: alive, for the workers of other machines; stale trials reaped meanwhile
+        with Lease(ostudy, trial, reap=lambda: reap_stale(ostudy, reaper_lock, mlf), outage=db):
+            run_trial(job, ostudy, trial, mlf, slot, offset)
+
+
+def _report_fault(job: Job, exc: BaseException) -> None:
+    """The one line that says why this worker stops the study: for the coordinator to print (in a
+    file of its private folder, created here, never through a link), else on stderr."""
+    line = redact(str(exc))
+    if job.faults:
         try:
-            with TrialHeartbeat(ostudy, trial):  # RDB storages: alive, for the workers of other machines
-                run_trial(job, ostudy, trial, mlf, slot, offset)
-        except ResourceFault as exc:
-            print(f"orch worker: {exc}; the study stops", file=sys.stderr, flush=True)
-            sys.exit(RESOURCE_EXIT)
-    if stopping.requested() is not None:
-        sys.exit(stopping.exit_code())
+            fd = os.open(fault_file(job.faults, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(line)
+            return
+        except OSError:
+            pass
+    print(f"orch worker: {line}; the study stops", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ A study file is a run file plus::
       resources: {workers: null, devices: null, trials_per_device: 1}
       storage: null                 # default: a journal file under mlruns/optuna/
       heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
+      outage_grace: 600             # seconds a storage or tracking store that does not answer is waited for
       checkpoint_dir: null          # where trials keep their last checkpoint (default mlruns/checkpoints)
       space:
         cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
@@ -90,6 +91,9 @@ class StudySection(BaseModel):
     resources: Resources = Resources()
     storage: str | None = None
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    #: seconds a store that does not answer (a database restart, a tracking server away, a network
+    #: partition) is waited for before the running trials end interrupted and the study stops
+    outage_grace: float = Field(default=600, gt=0, le=7 * 24 * 3600)
     checkpoint: bool = True
     checkpoint_dir: str | None = None
     space: dict[str, Param] = Field(default_factory=dict)

@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator.spec.study import HeartbeatSettings
 from orchestrator.storage import journal
 from orchestrator.storage.locks import init_lock
-from orchestrator.storage.urls import journal_path, sqlalchemy_url
+from orchestrator.storage.urls import connect_args, journal_path, sqlalchemy_url
 
 
 def open_storage(url: str, heartbeat: HeartbeatSettings | None = None, writable: bool = True):
@@ -35,7 +35,7 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None, writable:
         journal.check(path)  # a torn last record is cut away; other damage is refused, untouched
         return JournalStorage(journal.backend(path))
     heartbeat = heartbeat or HeartbeatSettings()
-    engine = {"pool_pre_ping": True}
+    engine = {"pool_pre_ping": True, "connect_args": connect_args(url)}  # a server that does not answer fails fast
     if url.startswith("sqlite:"):
         engine["connect_args"] = {"timeout": 60}  # writers queue for the file instead of failing
     # a fresh database's tables are created by the first process, under a lock: not by all at once

@@ -18,12 +18,14 @@ import hashlib
 import re
 
 from orchestrator.errors import StoreError
+from orchestrator.outages import connection_problem
 from orchestrator.secrets import redact_url
-from orchestrator.storage.urls import dialect_of, file_of, sqlalchemy_url
+from orchestrator.storage.urls import connect_args, dialect_of, file_of, sqlalchemy_url
 
-#: lock and unlock statements per dialect (``:key`` is bound)
+#: lock, unlock and try-lock statements per dialect (``:key`` is bound)
 _SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
         "mysql": ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)")}
+_TRY = {"postgresql": "SELECT pg_try_advisory_lock(:key)", "mysql": "SELECT GET_LOCK(:key, 0)"}
 
 
 def store_lock(url: str, key: str):
@@ -41,6 +43,27 @@ def store_lock(url: str, key: str):
         raise StoreError(f"storage {redact_url(url)}: workers share the budget through a lock, which orch "
                          f"has for journal files, SQLite, PostgreSQL and MySQL, not for {dialect!r}")
     return AdvisoryLock(url, dialect, key)
+
+
+@contextlib.contextmanager
+def if_free(lock):
+    """Hold ``lock`` (from :func:`store_lock`) if it is free now, without waiting: yields whether it
+    is held (for work that may as well be skipped, such as a heartbeat thread's reaping)."""
+    if isinstance(lock, AdvisoryLock):
+        with lock.nowait() as held:
+            yield held
+        return
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def init_lock(url: str):
@@ -63,6 +86,7 @@ class AdvisoryLock:
     def __init__(self, url: str, dialect: str, key: str):
         self.url = sqlalchemy_url(url)
         self.lock_sql, self.unlock_sql = _SQL[dialect]
+        self.try_sql = _TRY[dialect]
         if dialect == "postgresql":  # a signed 64-bit key derived from the name
             self.key = int.from_bytes(hashlib.sha256(f"orch:{key}".encode()).digest()[:8], "big", signed=True)
         else:  # MySQL lock names are at most 64 characters
@@ -71,16 +95,22 @@ class AdvisoryLock:
         self._conn = None
         self._depth = 0
 
+    def _connect(self):
+        import sqlalchemy
+
+        if self._engine is None:  # one connection, kept between acquisitions (checked before each)
+            self._engine = sqlalchemy.create_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                                                    isolation_level="AUTOCOMMIT",
+                                                    connect_args=connect_args(self.url))
+        return self._engine.connect()
+
     def __enter__(self):
         import sqlalchemy
 
         if self._depth:
             self._depth += 1
             return self
-        if self._engine is None:  # one connection, kept between acquisitions (checked before each)
-            self._engine = sqlalchemy.create_engine(self.url, pool_size=1, max_overflow=0, pool_pre_ping=True,
-                                                    isolation_level="AUTOCOMMIT")
-        conn = self._engine.connect()
+        conn = self._connect()
         try:
             conn.execute(sqlalchemy.text(self.lock_sql), {"key": self.key})
         except BaseException:
@@ -90,14 +120,42 @@ class AdvisoryLock:
         return self
 
     def __exit__(self, *exc):
-        import sqlalchemy
-
         self._depth -= 1
         if self._depth:
             return
+        conn, self._conn = self._conn, None
+        self._release(conn)
+
+    def _release(self, conn) -> None:
+        import sqlalchemy
+
         try:
-            self._conn.execute(sqlalchemy.text(self.unlock_sql), {"key": self.key})
+            conn.execute(sqlalchemy.text(self.unlock_sql), {"key": self.key})
+        except Exception as exc:  # the connection is gone: the server released the lock with it
+            if not connection_problem(exc):
+                raise
         finally:
-            self._conn.close()
-            self._conn = None
+            conn.close()
+
+    @contextlib.contextmanager
+    def nowait(self):
+        """The lock if it is free now (see :func:`if_free`), on a connection of its own."""
+        import sqlalchemy
+
+        if self._depth:
+            raise RuntimeError("AdvisoryLock.nowait() on a lock this object holds")
+        conn = self._connect()
+        try:
+            held = bool(conn.execute(sqlalchemy.text(self.try_sql), {"key": self.key}).scalar())
+        except BaseException:
+            conn.close()
+            raise
+        if not held:
+            conn.close()
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release(conn)
 

@@ -57,8 +57,25 @@ def heartbeat_enabled(ostudy) -> bool:
     return is_heartbeat_enabled(ostudy._storage)
 
 
+def storage_bases(storage) -> tuple[tuple[type, ...], set[str]]:
+    """The Optuna classes a wrapper of ``storage`` must derive from (a heartbeat storage too, if it
+    is one) and the private methods of theirs that orch calls through it."""
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    if isinstance(storage, BaseHeartbeat):
+        return (BaseStorage, BaseHeartbeat), {"_get_stale_trial_ids"}
+    return (BaseStorage,), set()
+
+
 def heartbeat_interval(ostudy) -> int:
     return ostudy._storage.get_heartbeat_interval()
+
+
+def heartbeat_grace(ostudy) -> int | None:
+    """The grace period, in seconds, after which a silent trial counts as lost (``None``: no heartbeats)."""
+    storage = ostudy._storage
+    return getattr(getattr(storage, "_backend", storage), "grace_period", None)
 
 
 def record_heartbeat(ostudy, trial) -> None:

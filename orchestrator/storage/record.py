@@ -31,7 +31,7 @@ from orchestrator.storage.urls import file_of
 
 #: settings that may change from one invocation of a study to the next
 PER_INVOCATION = ("name", "tracking_uri", "study.name", "study.trials", "study.timeout", "study.resources",
-                  "study.storage", "study.checkpoint_dir")
+                  "study.storage", "study.checkpoint_dir", "study.outage_grace")
 _UNSET = object()
 
 

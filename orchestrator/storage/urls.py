@@ -49,3 +49,20 @@ def sqlalchemy_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+#: libpq settings orch gives a PostgreSQL connection unless its URL sets them: a server that does
+#: not answer (a partition, a host gone) fails a try within seconds, so that the outage window
+#: (orchestrator.outages), not TCP's minutes of retransmissions, decides how long a call waits
+_PG_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                "keepalives_count": 3, "tcp_user_timeout": 30000}
+
+
+def connect_args(url: str) -> dict:
+    """Driver arguments for a connection to ``url`` (its own query parameters win)."""
+    if dialect_of(url) != "postgresql":
+        return {}
+    from urllib.parse import parse_qs, urlsplit
+
+    given = parse_qs(urlsplit(url).query)
+    return {k: v for k, v in _PG_TIMEOUTS.items() if k not in given}

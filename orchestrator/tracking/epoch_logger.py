@@ -10,6 +10,9 @@ import time
 
 from pytorch_lightning.loggers.logger import Logger
 
+from orchestrator.errors import ResourceFault
+from orchestrator.outages import Unavailable
+
 
 class EpochLogger(Logger):
     """Lightning logger writing to an existing MLflow run, buffered and flushed per epoch.
@@ -18,12 +21,19 @@ class EpochLogger(Logger):
     calls :meth:`save` after every ``log_metrics``; writes happen at most every ``flush_seconds``
     (and at each new epoch and at the end), so a module that logs every step costs a database
     write every few seconds, not one per step.
+
+    While the tracking store is away (:mod:`orchestrator.outages`: a call made during the fit
+    raises :class:`~orchestrator.outages.Unavailable`), the metrics stay in the buffer, in order,
+    and training goes on; they are written when it answers, at the latest by the final flush.
+    ``may_write()``: whether the run is still this worker's to write (a trial declared lost
+    meanwhile writes nothing more: its buffer is dropped).
     """
 
-    def __init__(self, mlf, run_id: str, flush_seconds: float = 2.0):
+    def __init__(self, mlf, run_id: str, flush_seconds: float = 2.0, may_write=lambda: True):
         super().__init__()
         self._mlf = mlf
         self._run_id = run_id
+        self._may_write = may_write
         self._buffer: list = []
         self._epoch: int | None = None
         self._flush_seconds = flush_seconds
@@ -54,11 +64,22 @@ class EpochLogger(Logger):
         if time.monotonic() - self._last_flush >= self._flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the buffer, oldest first; whether all of it is written."""
         self._last_flush = time.monotonic()
+        if self._buffer and not self._may_write():
+            self._buffer.clear()
+            return False
         while self._buffer:
-            batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self._mlf.log_batch(self._run_id, metrics=batch)
+            try:
+                self._mlf.log_batch(self._run_id, metrics=self._buffer[:1000])
+            except Unavailable:
+                return False  # kept for the next flush
+            del self._buffer[:1000]
+        return True
 
     def finalize(self, status: str) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except (Unavailable, ResourceFault):
+            pass  # a fit that ends on an outage: the caller's final flush, or the next run, has the rest

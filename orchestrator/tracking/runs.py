@@ -42,10 +42,14 @@ def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = No
             mlf.log_text(run_id, text, schema.TRACEBACK)
         mlf.set_tag(run_id, schema.RUN_ERROR if state == "failed" else schema.RUN_REASON, reason[:5000])
     mlf.set_tag(run_id, schema.STATE, state)
-    if state != "complete":
-        name = mlf.get_run(run_id).info.run_name
-        if name and not name.endswith("]"):
-            mlf.update_run(run_id, name=f"{name} [{state}]")
+    name = mlf.get_run(run_id).info.run_name
+    if name:  # a run ended before in another state (see outcomes.close_runs) loses that suffix
+        base = name
+        for other in schema.RUN_STATUS:
+            base = base.removesuffix(f" [{other}]")
+        renamed = base if state == "complete" else f"{base} [{state}]"
+        if renamed != name:
+            mlf.update_run(run_id, name=renamed)
     mlf.set_terminated(run_id, schema.RUN_STATUS[state])
 
 
@@ -55,13 +59,14 @@ def log_settings(mlf, run_id: str, spec) -> None:
     mlf.log_text(run_id, yaml.safe_dump(redact_data(spec.resolved()), sort_keys=False), schema.CONFIG)
 
 
-def tag_fit(mlf, run_id: str, plugins: dict[str, dict[str, str]], device: str, seed: int) -> None:
-    """Tags naming each plugin of a fit with its distribution and version, the device and the seed."""
+def tag_fit(mlf, run_id: str, plugins: dict[str, dict[str, str]], device: str, seed: int, threads: int) -> None:
+    """Tags naming each plugin of a fit with its distribution and version, the device, the seed and
+    the torch threads."""
     tags = {}
     for section, p in plugins.items():
         tags[schema.plugin_tag(section)] = p["name"]
         tags[schema.distribution_tag(section)] = f"{p['distribution']}=={p['version']}"
-    tags.update({schema.RUN_DEVICE: device, schema.SEED: str(seed)})
+    tags.update({schema.RUN_DEVICE: device, schema.SEED: str(seed), schema.THREADS: str(threads)})
     for k, v in tags.items():
         mlf.set_tag(run_id, k, v)
 

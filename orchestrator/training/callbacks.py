@@ -28,8 +28,9 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
+from orchestrator import outages
 from orchestrator.contracts.dataset import StreamWindows
-from orchestrator.execution import stopping
+from orchestrator.execution import lease, stopping
 
 #: steps between two refreshes of the training bar
 REFRESH = 10
@@ -76,30 +77,69 @@ class StreamsOnDevice(pl.Callback):
 
 
 def pruning(trial, metric: str) -> pl.Callback:
-    """Reports ``metric`` to ``trial`` after each validation and prunes the trial when told to."""
+    """Reports ``metric`` to ``trial`` after each validation and prunes the trial when told to.
+
+    While the storage is away (:mod:`orchestrator.outages`) the reports are kept, training goes on
+    without pruning decisions, and the kept reports are written, in order, once it answers (at
+    the latest by :meth:`flush`, which the trial calls after the fit).
+    """
     import optuna
 
     class Pruning(pl.Callback):
+        def __init__(self):
+            self.pending: dict[int, float] = {}
+
         def on_validation_end(self, trainer, module):
             if trainer.sanity_checking or metric not in trainer.callback_metrics:
                 return
             value = float(trainer.callback_metrics[metric])
-            trial.report(value, trainer.current_epoch)
-            if trial.should_prune():
+            self.pending[trainer.current_epoch] = value
+            try:
+                with outages.no_wait():
+                    self.flush()
+                    prune = trial.should_prune()
+            except outages.Unavailable:
+                return  # kept; written when the storage answers
+            if prune:
                 raise optuna.TrialPruned(f"pruned after epoch {trainer.current_epoch} with {metric}={value:.6g}")
+
+        def flush(self) -> None:
+            """Write the kept reports, oldest first (raises what the storage raises)."""
+            _check_lease()
+            for step in sorted(self.pending):
+                trial.report(self.pending[step], step)
+                del self.pending[step]
 
     return Pruning()
 
 
+def _check_lease() -> None:
+    """Raise :class:`TrialLost` if another process took this worker's trial over."""
+    held = lease.current()
+    if held is not None and not held.may_write():
+        raise lease.TrialLost(f"trial {held.number} was declared lost by another process")
+
+
 class Interruption(pl.Callback):
-    """Ends the fit at the next step boundary once a stop was requested."""
+    """Ends the fit at the next step boundary once a stop was requested, the trial was found lost,
+    or a store has been away for longer than its outage window."""
 
     def _check(self, *args) -> None:
         signum = stopping.requested()
         if signum is not None:
             raise stopping.TrialInterrupted(f"stopped by {signal.Signals(signum).name}")
+        held = lease.current()
+        if held is not None and held.lost:
+            raise lease.TrialLost("declared lost by another process")
+        outages.check_all()
 
-    on_train_batch_end = on_validation_batch_end = on_train_epoch_start = _check
+    def _check_writable(self, *args) -> None:
+        """Before an epoch's writes (its checkpoint, its metrics): the full check of the lease."""
+        self._check()
+        _check_lease()
+
+    on_train_batch_end = on_validation_batch_end = _check
+    on_train_epoch_start = on_validation_end = _check_writable
 
 
 def interruption() -> pl.Callback:

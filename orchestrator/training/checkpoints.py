@@ -104,9 +104,12 @@ class LastCheckpoint(pl.Callback):
         if self._pending is None:
             return
         tmp, epoch = self._pending
-        self._pending = None
+        written = True
         for logger in trainer.loggers:  # the finished epoch's metrics first, then the checkpoint
-            getattr(logger, "flush", logger.save)()
+            written = (getattr(logger, "flush", logger.save)() is not False) and written
+        if not written:  # the tracking store is away: published once its metrics are written
+            return
+        self._pending = None
         os.replace(tmp, self.directory / LAST)
         index = self.directory / f"{INDEX}.{os.getpid()}.tmp"
         index.write_text(json.dumps({"epoch": epoch, "key": self.key}))

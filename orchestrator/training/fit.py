@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from orchestrator import schema
+from orchestrator import outages, schema
 from orchestrator.spec.run import RunSpec
 from orchestrator.tracking.epoch_logger import EpochLogger
 from orchestrator.tracking.runs import log_settings, tag_fit
@@ -67,7 +68,7 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
 
 def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
                 checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None, ckpt_key: str = "",
-                resume: Path | None = None, **trainer_overrides) -> RunResult:
+                resume: Path | None = None, may_write=lambda: True, **trainer_overrides) -> RunResult:
     """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
 
     ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
@@ -76,11 +77,15 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     ``ckpt_key``) and the best checkpoint; ``resume``: a ``last.ckpt`` to continue from. Exceptions
     propagate (after the finished epochs are flushed); the caller closes the run
     (:func:`~orchestrator.tracking.runs.end_run`).
+
+    During the fit, calls to a store that is away do not wait (:func:`orchestrator.outages.no_wait`):
+    metrics and reports are kept and written when it answers, at the latest after the fit, where
+    the final flush waits for it. ``may_write()``: whether the run is still the caller's to write.
     """
     log_settings(mlf, run_id, spec)
     built = build(spec)
-    tag_fit(mlf, run_id, built.plugins, device_of(spec), spec.seed)
-    logger = EpochLogger(mlf, run_id)
+    tag_fit(mlf, run_id, built.plugins, device_of(spec), spec.seed, torch.get_num_threads())
+    logger = EpochLogger(mlf, run_id, may_write=may_write)
     callbacks = list(callbacks)
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
         directory = Path(ckpt_dir or tmp)
@@ -93,10 +98,11 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
             callbacks.append(best)
             trainer_overrides["enable_checkpointing"] = True
         try:
-            metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, resume=resume,
-                          **trainer_overrides)
+            with outages.no_wait():
+                metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, resume=resume,
+                              **trainer_overrides)
         finally:
-            logger.flush()  # keep the epochs that did finish
+            logger.flush()  # keep the epochs that did finish (waits for a tracking store that is away)
         if checkpoint and best.best_model_path:
             mlf.log_artifact(run_id, best.best_model_path, schema.CHECKPOINTS)
     return RunResult(run_id, metrics, built.plugins)
