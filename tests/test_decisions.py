@@ -117,7 +117,8 @@ def test_orphans_are_the_trials_of_dead_or_named_workers_of_this_machine(ostudy)
     lost = claims.fail_orphans(ostudy)
     assert sorted(e.number for e in lost) == [dead_pid.number, ownerless.number]
     assert {t.number: state_of(t) for t in ostudy.get_trials(deepcopy=False)} == {
-        mine.number: "running", dead_pid.number: "lost", elsewhere.number: "running", ownerless.number: "lost"}
+        mine.number: "running", dead_pid.number: "lost", elsewhere.number: "running",
+        ownerless.number: "interrupted"}  # it never trained: no try of its line is used up
     stopped = claims.fail_orphans(ostudy, dead={worker_id()}, interrupted=True)
     assert [e.number for e in stopped] == [mine.number] and state_of(ostudy.trials[mine.number]) == "interrupted"
 

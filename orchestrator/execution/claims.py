@@ -197,7 +197,8 @@ def fail_orphans(ostudy, dead: set[str] | None = None, interrupted: bool = False
     # a trial with no owner never trained (its worker stopped, or lost the storage, while claiming
     # it): interrupted, which costs its line none of its MAX_LOSSES
     claiming = [t for t in orphans if not t.user_attrs.get(schema.WORKER)]
-    return end_for_worker(ostudy, claiming, lambda t: "interrupted: its worker stopped while claiming it",
-                          "interrupted") + end_for_worker(
+    ended = end_for_worker(ostudy, claiming, lambda t: "interrupted: its worker stopped while claiming it",
+                           "interrupted") + end_for_worker(
         ostudy, [t for t in orphans if t.user_attrs.get(schema.WORKER)],
         lambda t: f"lost: worker {t.user_attrs[schema.WORKER]} died while running this trial", "lost", verdict)
+    return sorted(ended, key=lambda e: e.number)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 JOURNAL = "journal:"
 SQLITE = "sqlite:///"
@@ -62,7 +63,5 @@ def connect_args(url: str) -> dict:
     """Driver arguments for a connection to ``url`` (its own query parameters win)."""
     if dialect_of(url) != "postgresql":
         return {}
-    from urllib.parse import parse_qs, urlsplit
-
     given = parse_qs(urlsplit(url).query)
     return {k: v for k, v in _PG_TIMEOUTS.items() if k not in given}
