@@ -78,7 +78,7 @@ def test_connection_errors_are_told_apart_from_errors_that_retrying_cannot_fix()
         "host='h', port=5000): Max retries exceeded with url")) == "no answer"
     # what retrying cannot fix is raised at once
     assert connection_problem(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key value"))) is None
-    assert connection_problem(optuna.exceptions.UpdateFinishedTrialError("Trial#3 has already finished")) is None
+    assert connection_problem(RuntimeError("Trial#3 has already finished and can not be updated.")) is None
     assert connection_problem(OSError(errno.ENOSPC, "No space left on device")) is None
     assert connection_problem(ValueError("bad value")) is None
 

@@ -25,8 +25,6 @@ def retrying(storage, outage: Outage):
 
 
 def _make_class(bases: tuple[type, ...], private: set[str]) -> type:
-    from optuna.exceptions import UpdateFinishedTrialError
-
     def __init__(self, inner, outage):
         self._inner, self._outage = inner, outage
 
@@ -43,14 +41,15 @@ def _make_class(bases: tuple[type, ...], private: set[str]) -> type:
 
     def set_trial_state_values(self, trial_id, state, values=None):
         """Ending a trial, retried after a connection error: the first try may have been committed
-        before the connection broke, and then the retry finds the trial finished in that state."""
+        before the connection broke, and then the retry finds the trial finished in that state.
+        (Optuna 5 raises ``UpdateFinishedTrialError``, a ``RuntimeError``; Optuna 4 a plain ``RuntimeError``.)"""
         tries = []
 
         def end():
             tries.append(1)
             try:
                 return self._inner.set_trial_state_values(trial_id, state, values)
-            except UpdateFinishedTrialError:
+            except RuntimeError:
                 if len(tries) > 1 and self._inner.get_trial(trial_id).state == state:
                     return True
                 raise
