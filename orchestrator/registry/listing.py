@@ -38,7 +38,7 @@ def _files(top: str) -> list[str]:
         return [f"{top}: absent"]
     paths = [Path(p) for p in (spec.submodule_search_locations or [])]
     files = [p for d in paths for p in sorted(d.rglob("*.py"))] if paths else [Path(spec.origin or "")]
-    return [f"{f}:{_signature(f)}" for f in files]
+    return [f"{f}:{registry.signature(f)}" for f in files]
 
 
 def _installed(entry: str) -> list[str]:
@@ -53,7 +53,7 @@ def stamp() -> str:
     """A digest of everything a plugin's status depends on that can be read without importing:
     the host, the interpreter, the path and what is installed on it, orch's and the plugins' own
     files. Any install, uninstall, upgrade or edit of these changes it."""
-    parts = [socket.gethostname(), sys.executable, sys.version, *sys.path]
+    parts = [socket.gethostname(), sys.executable, sys.version, f"import limit {registry.import_limit():g}", *sys.path]
     for entry in sys.path:  # an install, uninstall or upgrade changes these names
         parts += [f"{entry}/{name}" for name in _installed(entry)]
     tops = {"orchestrator"}  # orch itself, its contracts included
@@ -77,14 +77,6 @@ def _findable(module: str) -> bool:
         return True
 
 
-def _signature(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return None
-
-
 def _loaded_files(before: set[str], found: list[registry.PluginInfo]) -> dict[str, list[int] | None]:
     """The source files of the modules imported since ``before``, and of the broken plugins'
     errors, that no installed distribution vouches for (outside the standard library and the
@@ -96,7 +88,7 @@ def _loaded_files(before: set[str], found: list[registry.PluginInfo]) -> dict[st
     files = {}
     for path in paths:
         if path and os.path.isabs(path) and not any(path.startswith(c + os.sep) for c in covered):
-            files[path] = _signature(path)
+            files[path] = registry.signature(path)
     return files
 
 
@@ -107,7 +99,7 @@ def listing(refresh: bool = False) -> list[registry.PluginInfo]:
     if not refresh:
         try:
             saved = cache.read(LISTING) or {}
-            if (saved.get("stamp") == key and all(_signature(f) == sig for f, sig in saved["files"].items())
+            if (saved.get("stamp") == key and all(registry.signature(f) == sig for f, sig in saved["files"].items())
                     and not any(_findable(name) for name in saved["missing"])):
                 return [_info(row) for row in saved["plugins"]]
         except (KeyError, TypeError, AttributeError):
