@@ -14,7 +14,7 @@ from torch import nn
 
 from orchestrator.contracts.dataset import DatasetInfo
 from orchestrator.contracts.module import CellSpec, Optimizer, SequenceModule
-from orchestrator.contracts.settings import Count, Index, Positive, Probability
+from orchestrator.contracts.settings import Count, Index, LearningRate, Positive, Probability
 
 
 class LanguageModel(SequenceModule):
@@ -34,9 +34,10 @@ class LanguageModel(SequenceModule):
     """
 
     tasks = ("language_model",)
+    metrics = ("loss", "ppl")
 
     def __init__(self, cell: CellSpec, info: DatasetInfo, dropout: Probability = 0.0, tie_weights: bool = False,
-                 embedding_size: Count | None = None, lr: Positive = 1.0, optimizer: Optimizer = "sgd",
+                 embedding_size: Count | None = None, lr: LearningRate = 1.0, optimizer: Optimizer = "sgd",
                  clip_grad_norm: Positive | None = 5.0, lr_decay: Positive = 0.5, decay_after: Index = 4,
                  init_scale: Positive | None = 0.1, **kwargs):
         super().__init__(cell, info, lr=lr, optimizer=optimizer, clip_grad_norm=clip_grad_norm,
@@ -79,7 +80,7 @@ class _StepModule(SequenceModule):
     out_features = 1
     unit = "step"  # one element: one step of one sequence
 
-    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: Positive = 1e-2, optimizer: Optimizer = "adam",
+    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: LearningRate = 1e-2, optimizer: Optimizer = "adam",
                  **kwargs):
         super().__init__(cell, info, lr=lr, optimizer=optimizer, **kwargs)
         self.cell = cell.build(info.input_size)
@@ -101,6 +102,7 @@ class StepRegression(_StepModule):
     """
 
     tasks = ("step_regression",)
+    metrics = ("loss", "acc", "step_acc")
 
     def forward(self, x, state):
         pred, state = super().forward(x, state)
@@ -125,6 +127,7 @@ class StepClassification(_StepModule):
     """Per-step classification (echo): cross-entropy on every step; ``{set}_acc`` over all steps."""
 
     tasks = ("step_classification",)
+    metrics = ("loss", "acc")
     out_features = None  # one logit per class
 
     def loss(self, pred, y):

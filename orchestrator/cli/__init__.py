@@ -37,7 +37,8 @@ class _Orch(LazyGroup):
         try:
             return super().invoke(ctx)
         except OrchError as exc:
-            click.echo(f"error: {redact(str(exc))}", err=True)
+            # one line, whatever the message holds (a plugin's own error may span several)
+            click.echo(f"error: {redact(' '.join(line.strip() for line in str(exc).splitlines()))}", err=True)
             ctx.exit(exc.exit_code)
 
 

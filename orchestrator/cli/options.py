@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import click
 
+from orchestrator import names
 from orchestrator.contracts import SECTIONS
 from orchestrator.errors import UsageError
 from orchestrator.spec.files import load_yaml
+from orchestrator.spec.space import corners
 from orchestrator.spec.study import Study, load_study, parsed_study
 from orchestrator.storage import record
 from orchestrator.storage.urls import default_storage_url
@@ -73,10 +75,18 @@ def preflight(run, file: str, study: Study | None = None) -> None:
         for section, kind in SECTIONS.items():
             param = study.section.space.get(f"{section}.plugin")
             also[kind] = set(getattr(param, "choices", ()) or ())
+    variants = []
+    if study is not None and "dataset.plugin" not in study.section.space:
+        variants = [study.spec_for(params) for params in corners(study.section, study.data)]
     try:
-        check_run(run, also)
+        logged = check_run(run, also, variants)
+    except UsageError as exc:
+        raise UsageError(f"{file}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a dataset plugin's own error says what is wrong
         raise UsageError(f"{file}: {type(exc).__name__}: {exc}") from None
+    if study is not None and study.section.metric not in logged and "module.plugin" not in study.section.space:
+        raise study.src.error("study.metric", f"study.metric {study.section.metric!r} is not a metric that module "
+                              f"{run.module.plugin!r} logs; it logs: {', '.join(logged)}")
 
 
 def checked_study(file: str, overrides=()) -> Study:
@@ -93,7 +103,7 @@ def locate(target: str, storage: str | None) -> tuple[str, str, Study | None]:
     if is_file(target):
         study = parsed_study(*load_yaml(target))
         return study.name, storage or study.section.storage or default_storage_url(study.name), study
-    return target, storage or default_storage_url(target), None
+    return names.check(target), storage or default_storage_url(target), None
 
 
 def open_optuna(target: str, storage: str | None):

@@ -7,12 +7,11 @@ study was created), so these commands start in a fraction of a second.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 from rich.console import Console
 
-from orchestrator import schema
+from orchestrator import names, schema
 from orchestrator.cli.options import open_optuna, storage_option
 from orchestrator.errors import OrchError
 from orchestrator.execution.outcomes import state_of
@@ -56,7 +55,7 @@ def report(target: str, storage: str | None, out_dir: str) -> None:
     parameter importances. It opens from the file, with no server; prints its path."""
     ostudy, url = open_optuna(target, storage)
     stored = record.stored_or_none(url, ostudy.study_name)
-    path = Path(out_dir) / f"{ostudy.study_name}-report.html"
+    path = names.under(out_dir, f"{names.check(ostudy.study_name)}-report.html")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page(ostudy, url, stored, retrain_for(ostudy, url)), encoding="utf-8")

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from orchestrator import names
 from orchestrator.cli.options import (
     TRACKING_HELP,
     checked_study,
@@ -112,6 +113,7 @@ def worker(target, storage, timeout, workers_n, devices, trials_per_device, trac
     if is_file(target):
         loaded = checked_study(target)
     else:
+        names.check(target)
         if not storage:
             raise UsageError(f"study {target!r}: pass --storage URL (or set $ORCH_STORAGE) to say where it is")
         loaded = record.stored_study(storage, target)

@@ -32,7 +32,7 @@ import torch
 
 from orchestrator.contracts.cell import Cell, State, detach_state
 from orchestrator.contracts.dataset import DatasetInfo
-from orchestrator.contracts.settings import Index, NonNegative, Positive
+from orchestrator.contracts.settings import Index, LearningRate, NonNegative, Positive
 
 #: the optimisers a :class:`SequenceModule` builds
 Optimizer = Literal["sgd", "adam"]
@@ -58,6 +58,15 @@ class CellSpec:
         return self.cls(input_size=input_size, **self.settings)
 
 
+#: what every module logs at the end of each training epoch
+TRAINING_METRICS = ("train_loss", "lr", "tokens_per_s")
+
+
+def logged_metrics(module_cls: type, val_sets: tuple[str, ...]) -> tuple[str, ...]:
+    """Every metric a run of ``module_cls`` logs each epoch, given its dataset's validation sets."""
+    return TRAINING_METRICS + tuple(f"{s}_{m}" for s in val_sets for m in getattr(module_cls, "metrics", ()))
+
+
 class SequenceModule(pl.LightningModule):
     """Base class of module plugins: stateful TBPTT training with per-epoch metrics.
 
@@ -79,8 +88,12 @@ class SequenceModule(pl.LightningModule):
 
     #: Tasks (see :data:`orchestrator.contracts.dataset.TASKS`) this module can train.
     tasks: ClassVar[tuple[str, ...]] = ()
+    #: The metrics :meth:`summarize` returns, logged as ``{eval set}_{metric}`` at each evaluation; a
+    #: study's ``study.metric`` must be one of them (or one of :data:`TRAINING_METRICS`), checked
+    #: before anything runs, and ``orchestrator.testing.check_module`` checks the declaration.
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
-    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: Positive = 1e-3, optimizer: Optimizer = "adam",
+    def __init__(self, cell: CellSpec, info: DatasetInfo, lr: LearningRate = 1e-3, optimizer: Optimizer = "adam",
                  weight_decay: NonNegative = 0.0, clip_grad_norm: Positive | None = None, lr_decay: Positive = 1.0,
                  decay_after: Index = 0, init_scale: Positive | None = None, nan_check_every: Index = 25,
                  cuda_graphs: bool = True):

@@ -13,6 +13,7 @@ use, and any plugin may::
                      dropout: Probability = 0.0): ...
 
 A value out of range is reported with its file and line (or ``--set``), the key and the range.
+Every float setting must also be finite: ``.inf`` and ``.nan`` are refused for any setting.
 """
 
 from __future__ import annotations
@@ -31,3 +32,7 @@ Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 #: a dropout probability: 0 <= p < 1
 Probability = Annotated[float, Field(ge=0, lt=1)]
+#: a learning rate: 0 < lr <= 1000 (past that every step diverges)
+LearningRate = Annotated[float, Field(gt=0, le=1000)]
+#: a random seed: an int in NumPy's and Optuna's range, 0 <= seed <= 2**31 - 1 (not a bool)
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]

@@ -8,6 +8,7 @@ again (:mod:`orchestrator.execution.claims`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +59,10 @@ def open_study(study: Study, storage_url: str, *, create: bool, tracking_uri: st
         record.load(storage_url, study.name)  # a clear message, before anything is created, if it is not there
     else:
         probes.probe_stores(storage_url, None)
-    if tracking_uri:  # an unreachable server fails here, in seconds, not while the study's lock is held
-        client.check_reachable(tracking_uri)
+    # a tracking store that cannot be used fails here, in seconds, before the study is created and not
+    # while its lock is held: the one given, or the file's when creating
+    client.check_store(tracking_uri or (study.base.tracking_uri if create else None)
+                       or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         with lock:
             ostudy = _load(study, storage_url, create, outage)

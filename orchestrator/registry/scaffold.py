@@ -11,6 +11,8 @@ import re
 import textwrap
 from pathlib import Path
 
+from orchestrator.names import shown
+
 KINDS = ("cell", "dataset", "module")
 
 CELL = '''
@@ -278,11 +280,20 @@ def new_plugin(kind: str, name: str, folder: str | Path) -> Path:
     """Write the package ``orch-NAME`` for a ``kind`` plugin into ``folder``; returns its path."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"plugin name {name!r}: use lower-case letters, digits and _, starting with a letter")
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", name):
+        raise ValueError(f"plugin name {shown(name)}: use 1 to 40 lower-case letters, digits and _, starting with "
+                         "a letter")
     root = Path(folder) / f"orch-{name}"
-    if root.exists():
+    if root.exists() or root.is_symlink():
         raise FileExistsError(f"{root} exists already")
+    try:
+        _write(kind, name, root)
+    except OSError as exc:
+        raise ValueError(f"cannot write the plugin package {root}: {exc.strerror or exc}") from None
+    return root
+
+
+def _write(kind: str, name: str, root: Path) -> None:
     values = {"name": name, "kind": kind, "package": f"orch_{name}",
               "cls": "".join(part.capitalize() for part in name.split("_")) or name,
               "title": name.replace("_", " ").capitalize()}
@@ -291,5 +302,5 @@ def new_plugin(kind: str, name: str, folder: str | Path) -> Path:
                        (root / "src" / values["package"] / "__init__.py", code),
                        (root / "tests" / f"test_{name}.py", test), (root / "studies" / f"{name}.yaml", study)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip("\n").format(**values))
-    return root
+        with open(path, "x", encoding="utf-8") as f:  # a new file in a new folder: never through a link
+            f.write(textwrap.dedent(text).lstrip("\n").format(**values))

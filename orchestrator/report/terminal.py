@@ -8,6 +8,7 @@ from datetime import datetime
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator import schema
 from orchestrator.execution.outcomes import state_of
@@ -42,7 +43,7 @@ class LiveTable:
             self.live.__exit__(*exc)
 
     def update(self, line: str, trials, max_epochs: int | None) -> None:
-        self.live.update(Group(line, trials_table(trials[-15:], max_epochs=max_epochs)))
+        self.live.update(Group(Text(line), trials_table(trials[-15:], max_epochs=max_epochs)))
 
 
 def trials_table(trials, reasons: int | None = 60, max_epochs: int | None = None):
@@ -67,10 +68,11 @@ def trials_table(trials, reasons: int | None = 60, max_epochs: int | None = None
         state = state_of(t)
         if reason:  # "interrupted (SIGINT) while running ..." already says its state
             state = reason[:reasons] if reason.startswith(state) else f"{state} ({reason[:reasons]})"
-        table.add_row(str(t.number), state,
-                      short(t.value) if t.value is not None else "-",
-                      f"{epochs}/{total}" if total else str(epochs), short(latest) if latest is not None else "-",
-                      params, f"{duration:.1f}s" if duration is not None else "-", eta)
+        # Text, not str: a name, a choice or a reason holding "[x]" is shown as written, never as markup
+        table.add_row(*map(Text, (str(t.number), state, short(t.value) if t.value is not None else "-",
+                                  f"{epochs}/{total}" if total else str(epochs),
+                                  short(latest) if latest is not None else "-", params,
+                                  f"{duration:.1f}s" if duration is not None else "-", eta)))
     return table
 
 
@@ -80,5 +82,5 @@ def header(ostudy, url: str, trials, stored):
     grid.add_column(style="bold")
     grid.add_column()
     for key, text in summary(ostudy, url, stored, trials):
-        grid.add_row(key, text)
+        grid.add_row(Text(key), Text(text))
     return grid

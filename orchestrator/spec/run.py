@@ -8,16 +8,19 @@ declared range and unknown plugins are reported with the file, the line and the 
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from orchestrator import registry
+from orchestrator import names, registry
 from orchestrator.contracts import SECTIONS
+from orchestrator.contracts.settings import Seed
 from orchestrator.errors import PluginError
+from orchestrator.names import shown
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
 
 # settings orch passes itself, never taken from a file
@@ -37,14 +40,21 @@ class RunSpec(BaseModel):
     """A validated run: plugins with their settings, Trainer arguments, seed and tracking."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = None
-    seed: int = 0
+    name: str | None = Field(default=None, max_length=names.MAX_LENGTH)
+    seed: Seed = 0
     dataset: PluginSection
     cell: PluginSection
     module: PluginSection
     trainer: dict[str, Any] = Field(default_factory=dict)
     tracking_uri: str | None = None
     study: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and names.problem(value):
+            raise ValueError(names.problem(value))
+        return value
 
     def resolved(self) -> dict[str, Any]:
         """The spec as a plain dict (what is logged as the resolved config)."""
@@ -112,7 +122,7 @@ def _checked(dotted: str, hint: Any, value: Any, src: Source) -> Any:
     """``value`` converted to ``hint`` (with its ``Annotated`` constraints), or a :class:`SpecError`
     that names the type or the valid range."""
     try:
-        adapter = TypeAdapter(hint, config={"arbitrary_types_allowed": True})
+        adapter = TypeAdapter(hint, config={"arbitrary_types_allowed": True, "allow_inf_nan": False})
     except Exception:  # noqa: BLE001 - a hint pydantic cannot check (a class of Lightning's): not checked
         return value
     try:
@@ -120,9 +130,9 @@ def _checked(dotted: str, hint: Any, value: Any, src: Source) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] in _RANGE_ERRORS:  # a constraint the plugin declares: say the valid range
-            raise src.error(dotted, f"{dotted} = {value!r} is not valid: "
+            raise src.error(dotted, f"{dotted} = {shown(value)} is not valid: "
                             f"{err['msg'].replace('Input should be', 'it must be')}") from None
-        raise src.error(dotted, f"{dotted} = {value!r} is not a valid {_type_name(hint)}") from None
+        raise src.error(dotted, f"{dotted} = {shown(value)} is not a valid {_type_name(hint)}") from None
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
@@ -139,12 +149,36 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+#: Trainer arguments orch sets itself, and why a file may not replace them
+OWNED_BY_ORCH = {
+    "logger": "orch logs every epoch to the run's MLflow run itself (a logger here would replace it)",
+    "callbacks": "orch adds its own (checkpoints, pruning, stop signals); a run file holds settings, not objects",
+    "enable_checkpointing": "orch keeps each trial's last checkpoint itself (study.checkpoint, study.checkpoint_dir)",
+    "default_root_dir": "orch decides where a trial's files go (study.checkpoint_dir)",
+}
+
+
+def check_finite(node: Any, src: Source, dotted: str = "") -> None:
+    """Refuse ``.inf`` and ``.nan`` anywhere in a file: no setting means an infinite or undefined number."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise src.error(dotted, f"{dotted} = {node}: a setting must be a finite number")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite(value, src, f"{dotted}.{key}" if dotted else str(key))
+    elif isinstance(node, list):
+        for value in node:
+            check_finite(value, src, dotted)
+
+
 def check_trainer(trainer: dict[str, Any], src: Source, machine: bool = True) -> None:
     """Lightning ``Trainer`` arguments: known names, the types of its signature, an epoch budget
     that ends, and (``machine``) an accelerator this machine has."""
     from pytorch_lightning import Trainer  # lazy: Lightning is heavy
 
     valid = [k for k in inspect.signature(Trainer.__init__).parameters if k != "self"]
+    for key, why in OWNED_BY_ORCH.items():
+        if key in trainer:
+            raise src.error(f"trainer.{key}", f"trainer.{key} cannot be set: {why}")
     try:
         hints = typing.get_type_hints(Trainer.__init__)
     except Exception:  # noqa: BLE001 - unresolvable hints only lose the type check
@@ -174,7 +208,7 @@ def _check_accelerator(trainer: dict[str, Any], src: Source) -> None:
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     gpus = torch.cuda.device_count() if accelerator in ("gpu", "cuda") else 0
     if accelerator in ("gpu", "cuda") and not gpus:
-        raise src.error("trainer.accelerator", f"trainer.accelerator = {accelerator!r}, but this machine has no "
+        raise src.error("trainer.accelerator", f"trainer.accelerator = {shown(accelerator)}, but this machine has no "
                         "GPU that PyTorch can use (torch.cuda.is_available() is False); use cpu or auto")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise src.error("trainer.accelerator", "trainer.accelerator = 'mps', but MPS is not available here")
@@ -186,6 +220,7 @@ def _check_accelerator(trainer: dict[str, Any], src: Source) -> None:
 def validate(data: dict[str, Any], src: Source, machine: bool = True) -> RunSpec:
     """Turn loaded YAML into a :class:`RunSpec`, checking plugins and every setting (and, with
     ``machine``, that this machine has the accelerator it asks for)."""
+    check_finite(data, src)
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:

@@ -7,9 +7,8 @@ Parameters are sampled in the order written; ``when`` makes a parameter exist on
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -20,9 +19,16 @@ if TYPE_CHECKING:  # for the annotations only: spec.study builds on this module
     from orchestrator.spec.study import StudySection
 
 
+#: parameters in a space, choices of one categorical and of all together, points of a grid
+MAX_PARAMS = 64
+MAX_CHOICES = 256
+MAX_ALL_CHOICES = 1024
+MAX_GRID = 100_000
+
+
 class _Param(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    when: dict[str, list[Any]] | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    when: dict[str, list[Any]] | None = Field(default=None, max_length=16)
 
 
 class IntParam(_Param):
@@ -39,9 +45,14 @@ class IntParam(_Param):
             raise ValueError("log and step cannot be combined")
         return self
 
-    def grid(self) -> list[int]:
+    def grid_len(self) -> int:
+        """How many points :meth:`grid` has, computed without making them."""
         if self.log:
             raise ValueError("the grid sampler cannot enumerate a log range; use a categorical")
+        return (self.high - self.low) // self.step + 1
+
+    def grid(self) -> list[int]:
+        self.grid_len()
         return list(range(self.low, self.high + 1, self.step))
 
 
@@ -59,16 +70,25 @@ class FloatParam(_Param):
             raise ValueError("log and step cannot be combined")
         return self
 
-    def grid(self) -> list[float]:
+    def grid_len(self) -> int:
+        """How many points :meth:`grid` has, computed without making them."""
         if self.step is None:
             raise ValueError("the grid sampler needs a step (or choices) for a float")
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        n = (self.high - self.low) / self.step + 1e-9
+        return int(math.floor(n)) + 1 if math.isfinite(n) and n < 2**62 else 2**62
+
+    def grid(self) -> list[float]:
+        n = self.grid_len() - 1
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
 
 class CategoricalParam(_Param):
     type: Literal["categorical"]
-    choices: list[Union[None, bool, int, float, str]] = Field(min_length=1)
+    choices: list[Union[None, bool, int, float, Annotated[str, Field(max_length=200)]]] = Field(
+        min_length=1, max_length=MAX_CHOICES)
+
+    def grid_len(self) -> int:
+        return len(self.choices)
 
     def grid(self) -> list:
         return list(self.choices)
@@ -92,15 +112,20 @@ def parse_space(space: dict[str, Any], src: Source) -> dict[str, Param]:
     if not isinstance(space, dict):
         raise SpecError(f"{src.where('study.space')}: study.space must be a mapping of dotted keys")
     kinds = {"int": IntParam, "float": FloatParam, "categorical": CategoricalParam}
+    if len(space) > MAX_PARAMS:
+        raise SpecError(f"{src.where('study.space')}: {len(space)} searched settings; at most {MAX_PARAMS}")
     out: dict[str, Param] = {}
     for key, raw in space.items():
         where = f"study.space.{key}"
-        if not isinstance(raw, dict) or raw.get("type") not in kinds:
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str) or raw["type"] not in kinds:
             raise src.error(where, f"{where} needs type: one of {', '.join(kinds)}")
         try:
             out[key] = kinds[raw["type"]].model_validate(raw)
         except ValidationError as exc:
             raise pydantic_error(exc, src, where) from None
+    total = sum(len(p.choices) for p in out.values() if isinstance(p, CategoricalParam))
+    if total > MAX_ALL_CHOICES:
+        raise SpecError(f"{src.where('study.space')}: {total} categorical choices in all; at most {MAX_ALL_CHOICES}")
     return out
 
 
@@ -126,17 +151,26 @@ def resolve_params(section: StudySection, pick, base: dict[str, Any]) -> dict[st
 
 
 def corners(section: StudySection, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameter sets covering every combination of categorical choices, each with all ranges
-    at their low ends and at their high ends."""
-    cats = [k for k, p in section.space.items() if isinstance(p, CategoricalParam)]
-    combos = []
-    for choice in itertools.product(*(section.space[k].choices for k in cats)):
-        chosen = dict(zip(cats, choice))
+    """Parameter sets that try every categorical choice and every conditional parameter at least
+    once, each with all ranges at their low ends and at their high ends: each choice with the
+    other categoricals at their first choice, and each ``when`` condition made true with its
+    first allowed values. Their number grows with the choices, not with their product (twelve
+    categoricals of three choices are 2 x 37 sets, not 2 x 3**12)."""
+    cats = {k: p.choices for k, p in section.space.items() if isinstance(p, CategoricalParam)}
+    first = {k: choices[0] for k, choices in cats.items()}
+    picks = [dict(first)]
+    picks += [{**first, key: choice} for key, choices in cats.items() for choice in choices[1:]]
+    picks += [{**first, **{k: allowed[0] for k, allowed in p.when.items() if k in cats and allowed}}
+              for p in section.space.values() if p.when]
+    combos: list[dict[str, Any]] = []
+    for chosen in picks:
         for end in ("low", "high"):
             def pick(key, param, chosen=chosen, end=end):
                 return chosen[key] if key in chosen else getattr(param, end)
 
-            combos.append(resolve_params(section, pick, base))
+            params = resolve_params(section, pick, base)
+            if params not in combos:
+                combos.append(params)
     return combos
 
 
@@ -158,7 +192,7 @@ def grid_points(section: StudySection) -> dict[str, list]:
 
 
 def grid_size(section: StudySection) -> int | None:
-    """Number of points of a grid study (``None`` for other samplers)."""
+    """Number of points of a grid study (``None`` for other samplers), computed without making them."""
     if section.sampler.type != "grid":
         return None
-    return math.prod(len(v) for v in grid_points(section).values())
+    return math.prod(p.grid_len() for p in section.space.values())

@@ -28,20 +28,27 @@ The search space is :mod:`orchestrator.spec.space`; the sampler and pruner
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import names
 from orchestrator.errors import SpecError
+from orchestrator.names import shown
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
 from orchestrator.spec.run import RunSpec, validate
 from orchestrator.spec.samplers import make_pruner, make_sampler
-from orchestrator.spec.space import Param, corners, lookup, parse_space
+from orchestrator.spec.space import MAX_GRID, Param, corners, lookup, parse_space
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
+#: the largest budget a study may have
+MAX_TRIALS = 1_000_000
+#: the largest seed of a sampler (NumPy's range, less the offsets of the workers that join)
+MAX_SEED = 2**31 - 1
 
 
 class NamedOptions(BaseModel):
@@ -57,9 +64,9 @@ class NamedOptions(BaseModel):
 
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    workers: int | None = Field(default=None, ge=1)
-    devices: list[int] | None = None
-    trials_per_device: int = Field(default=1, ge=1)
+    workers: int | None = Field(default=None, ge=1, le=1024)
+    devices: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(default=None, max_length=1024)
+    trials_per_device: int = Field(default=1, ge=1, le=64)
 
 
 class HeartbeatSettings(BaseModel):
@@ -67,8 +74,8 @@ class HeartbeatSettings(BaseModel):
     sign of life it counts as lost (its worker killed, its machine gone) and is retried."""
 
     model_config = ConfigDict(extra="forbid")
-    interval: int = Field(default=30, ge=1)
-    grace_period: int = Field(default=120, ge=1)
+    interval: int = Field(default=30, ge=1, le=24 * 3600)
+    grace_period: int = Field(default=120, ge=1, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
     def _check(self):
@@ -80,23 +87,30 @@ class HeartbeatSettings(BaseModel):
 class StudySection(BaseModel):
     """The validated ``study`` section."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = None
-    metric: str
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str | None = Field(default=None, max_length=names.MAX_LENGTH)
+    metric: str = Field(max_length=names.MAX_LENGTH)
     direction: Literal["minimize", "maximize"]
-    trials: int | None = Field(default=None, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
+    trials: int | None = Field(default=None, ge=1, le=MAX_TRIALS)
+    timeout: float | None = Field(default=None, gt=0, le=366 * 24 * 3600)
     sampler: NamedOptions = NamedOptions(type="tpe")
     pruner: NamedOptions = NamedOptions(type="none")
     resources: Resources = Resources()
-    storage: str | None = None
+    storage: str | None = Field(default=None, max_length=4096)
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     #: seconds a store that does not answer (a database restart, a tracking server away, a network
     #: partition) is waited for before the running trials end interrupted and the study stops
     outage_grace: float = Field(default=600, gt=0, le=7 * 24 * 3600)
     checkpoint: bool = True
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | None = Field(default=None, max_length=4096)
     space: dict[str, Param] = Field(default_factory=dict)
+
+    @field_validator("name", "metric")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and names.problem(value):
+            raise ValueError(names.problem(value))
+        return value
 
 
 class Study:
@@ -110,6 +124,8 @@ class Study:
 
     @property
     def name(self) -> str:
+        """The study's name: ``study.name``, else the file's ``name``, else the file's name without
+        ``.yaml`` (checked when the study is loaded: :func:`orchestrator.names.check`)."""
         return self.section.name or self.base.name or Path(self.src.path).stem
 
     @property
@@ -151,12 +167,38 @@ def _section(data: dict[str, Any], src: Source) -> StudySection:
         raise pydantic_error(exc, src, "study") from None
     section.space = space
     if section.sampler.type not in SAMPLERS:
-        raise src.error("study.sampler.type", f"unknown sampler {section.sampler.type!r}; "
+        raise src.error("study.sampler.type", f"unknown sampler {shown(section.sampler.type)}; "
                         f"valid: {', '.join(SAMPLERS)}")
     if section.pruner.type not in PRUNERS:
-        raise src.error("study.pruner.type", f"unknown pruner {section.pruner.type!r}; "
+        raise src.error("study.pruner.type", f"unknown pruner {shown(section.pruner.type)}; "
                         f"valid: {', '.join(PRUNERS)}")
+    for what in ("sampler", "pruner"):
+        _check_options(getattr(section, what).options, src, f"study.{what}")
     return section
+
+
+#: options of a sampler or pruner that count (trials, steps, resources): never negative
+_COUNTS = ("n_", "trials", "steps", "resource", "factor", "rate", "interval", "population", "size")
+
+
+def _check_options(options: dict[str, Any], src: Source, where: str) -> None:
+    """The sampler's or pruner's own options, by their meaning: a seed in NumPy's range, counts
+    that are not negative, numbers that are finite (Optuna accepts ``n_startup_trials: -5``)."""
+    for key, value in options.items():
+        dotted = f"{where}.{key}"
+        if key == "seed":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_SEED):
+                raise src.error(dotted, f"{dotted} = {shown(value)} is not valid: a seed is an int from 0 to "
+                                f"{MAX_SEED}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise src.error(dotted, f"{dotted} = {value}: a setting must be a finite number")
+        if value < 0 and any(part in key for part in _COUNTS):
+            raise src.error(dotted, f"{dotted} = {value} is not valid: it counts (trials, steps or resources), "
+                            "so it must be >= 0")
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
@@ -179,7 +221,18 @@ def parsed_study(data: dict[str, Any], src: Source) -> Study:
         base = RunSpec.model_validate(data)
     except ValidationError as exc:
         raise pydantic_error(exc, src) from None
-    return Study(data, _section(data, src), src, base)
+    return named(Study(data, _section(data, src), src, base))
+
+
+def named(study: Study) -> Study:
+    """``study`` if its name (given, or the file's name) is a valid name (:mod:`orchestrator.names`)."""
+    why = names.problem(study.name)
+    if why:
+        key = "study.name" if study.section.name else "name" if study.base.name else None
+        where = study.src.where(key) if key else study.src.path
+        raise SpecError(f"{where}: the study name {names.shown(study.name)} is not valid: {why}"
+                        + ("" if key else " (it is the file's name: set study.name)"), key=key)
+    return study
 
 
 def study_from(data: dict[str, Any], src: Source) -> Study:
@@ -189,14 +242,19 @@ def study_from(data: dict[str, Any], src: Source) -> Study:
     for key, p in section.space.items():
         for cond in (p.when or {}):
             if cond not in section.space and lookup(data, cond) is None:
-                raise src.error(f"study.space.{key}", f"condition on {cond!r}, which is neither a "
+                raise src.error(f"study.space.{key}", f"condition on {shown(cond)}, which is neither a "
                                 "searched nor a fixed setting")
     if section.sampler.type == "grid":
+        size = 1
         for key, p in section.space.items():
             try:
-                p.grid()
+                size *= p.grid_len()
             except ValueError as exc:
                 raise src.error(f"study.space.{key}", f"{exc}") from None
+            if size > MAX_GRID:
+                raise src.error(f"study.space.{key}", f"the grid has over {MAX_GRID:,} points with "
+                                f"study.space.{key} (it has {p.grid_len():,} values): use a coarser step, or "
+                                "another sampler")
     for what, make in (("sampler", lambda: make_sampler(section)),
                        ("pruner", lambda: make_pruner(section, base.trainer.get("max_epochs")))):
         try:
@@ -205,8 +263,8 @@ def study_from(data: dict[str, Any], src: Source) -> Study:
                 make()
         except Exception as exc:  # noqa: BLE001 - Optuna's own message names the bad option
             raise src.error(f"study.{what}", f"study.{what}: {type(exc).__name__}: {exc}") from None
-    study = Study(data, section, src, base)
-    # every combination of choices and range ends must make a valid run
+    study = named(Study(data, section, src, base))
+    # every choice and every condition, at both range ends, must make a valid run
     for params in corners(section, data):
         try:
             study.spec_for(params)
@@ -215,5 +273,6 @@ def study_from(data: dict[str, Any], src: Source) -> Study:
                 (k for k in params if exc.key and exc.key.startswith(k.split(".")[0] + ".")), None)
             if key is None:
                 raise
-            raise src.error(f"study.space.{key}", f"{exc.detail} (for the trial settings {params})") from None
+            raise src.error(f"study.space.{key}", f"{exc.detail} (for the trial settings "
+                            f"{shown(params, 300)})") from None
     return study

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import schema
+from orchestrator import names, schema
 from orchestrator.errors import StoreError
 from orchestrator.secrets import describe, redact_data, redact_url
 from orchestrator.spec.files import parse_yaml, yaml_source
@@ -40,6 +40,7 @@ def load(storage_url: str, name: str, storage=None, writable: bool = False):
     database, or an unreachable one, is a :class:`StoreError`."""
     import optuna
 
+    names.check(name)
     missing = (f"no study {name!r} in {redact_url(storage_url)}: create it with `orch study create FILE "
                "--storage URL` (or start it with `orch study run FILE --storage URL`)")
     path = file_of(storage_url)
@@ -63,7 +64,11 @@ def stored_study(storage_url: str, name: str, checked: bool = True) -> Study:
         raise StoreError(f"study {name!r} in {redact_url(storage_url)} holds no orch study file (it was "
                          "created by an older orch, or by Optuna itself): pass the study FILE instead of its name")
     data, src = yaml_source(text, f"study {name!r} as stored in {redact_url(storage_url)}")
-    return study_from(data, src) if checked else parsed_study(data, src)
+    study = study_from(data, src) if checked else parsed_study(data, src)
+    if study.name != name:  # a record written by another process: it steers where every worker writes
+        raise StoreError(f"study {name!r} in {redact_url(storage_url)} holds the file of a study named "
+                         f"{names.shown(study.name)}: refused (the storage was changed by hand?)")
+    return study
 
 
 def stored_or_none(storage_url: str, name: str) -> Study | None:
@@ -133,6 +138,8 @@ def copy_study(name: str, source: str, dest: str, to_name: str | None = None) ->
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if to_name is not None:
+        names.check(to_name, "--to-name")
     trials = load(source, name).get_trials(deepcopy=False)
     running = [t.number for t in trials if t.state.name == "RUNNING"]
     if running:

@@ -147,6 +147,13 @@ def check_module(cls: type[SequenceModule], **settings) -> None:
         require(any(k.startswith(f"{info.val_sets[0]}_") for k in metrics), "module.fit",
                 f"no {info.val_sets[0]}_* metric was logged; logged: {sorted(metrics)}",
                 "keep SequenceModule's evaluation hooks and summarize()")
+        declared = {f"{info.val_sets[0]}_{m}" for m in getattr(cls, "metrics", ())}
+        found = {k for k in metrics if k.startswith(f"{info.val_sets[0]}_")}
+        require(declared == found, "module.metrics",
+                f"metrics = {tuple(getattr(cls, 'metrics', ()))!r}, but summarize() logged "
+                f"{sorted(k.removeprefix(info.val_sets[0] + '_') for k in found)}",
+                "declare in the class attribute metrics exactly the keys summarize() returns (a study's "
+                "study.metric is checked against them)")
         initial = module.cell.init_state(x.shape[0], "cpu")
         for (epoch, state_in, grads, _), previous in zip(calls, [None, *calls]):
             if previous is None or previous[0] != epoch:

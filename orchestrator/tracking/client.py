@@ -18,9 +18,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from orchestrator import schema
 from orchestrator.errors import StoreError
-from orchestrator.secrets import redact, redact_url, remember
+from orchestrator.secrets import describe, redact, redact_url, remember
 from orchestrator.storage.locks import init_lock
-from orchestrator.storage.urls import SQLITE, sqlite_path
+from orchestrator.storage.urls import SQLITE, connect_args, sqlalchemy_url, sqlite_path
 
 DEFAULT_DIR = "mlruns"
 
@@ -77,6 +77,29 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise StoreError(f"cannot reach the MLflow tracking server {redact_url(uri)}: {redact(str(reason))} "
                          "(is `mlflow server` running there, and is the address right?)") from None
+
+
+def check_store(uri: str | None, timeout: float = 10.0) -> None:
+    """Fail with one clear :class:`StoreError` before anything is written when ``uri`` is a tracking
+    store that cannot be used: a server that does not answer, a database that is not there or
+    refuses the login. SQLite stores and folders are checked by :mod:`orchestrator.storage.probes`."""
+    if not uri:
+        return
+    if urlsplit(uri).scheme in ("http", "https"):
+        check_reachable(uri, timeout)
+        return
+    if "://" not in uri or sqlite_path(uri) or uri.startswith("file:"):
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(sqlalchemy_url(uri), connect_args=connect_args(uri),
+                                         poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - no driver, no database, refused login, no answer
+        raise StoreError(f"cannot use the MLflow tracking store {redact_url(uri)}: {describe(exc)}") from None
 
 
 def _credentials_to_env(uri: str) -> str:

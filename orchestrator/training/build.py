@@ -11,10 +11,11 @@ import torch
 
 from orchestrator import registry
 from orchestrator.contracts import SECTIONS
-from orchestrator.contracts.module import CellSpec
+from orchestrator.contracts.module import CellSpec, logged_metrics
 from orchestrator.errors import IncompatibleError
 from orchestrator.registry import checks
 from orchestrator.spec.run import RunSpec
+from orchestrator.training import footprint
 
 
 @dataclass
@@ -44,16 +45,23 @@ def _data(spec: RunSpec):
     return classes, plugins, datamodule, info
 
 
-def preflight(spec: RunSpec, also: dict[str, set[str]] | None = None) -> None:
+def preflight(spec: RunSpec, also: dict[str, set[str]] | None = None, variants=()) -> tuple[str, ...]:
     """Check, before anything is written, that the data is there, the module fits the dataset, and
     the plugins keep their contracts (the quick checks of :mod:`orchestrator.registry.checks`; ``also``:
     more plugins by kind, such as the cells a study's space chooses from).
 
-    Raises :class:`IncompatibleError`, a :class:`~orchestrator.testing.ContractError`, or the
-    dataset's own error (missing or corrupt files, ...).
+    The model of ``spec`` and of each of ``variants`` (a study's trials at the ends of its ranges, on
+    the same dataset) must fit the device's memory (:mod:`orchestrator.training.footprint`).
+    Returns the metrics the run logs each epoch. Raises :class:`IncompatibleError`, a
+    :class:`~orchestrator.testing.ContractError`, or the dataset's own error (missing or corrupt files, ...).
     """
-    _, _, datamodule, _ = _data(spec)
+    classes, _, datamodule, info = _data(spec)
     checks.refuse_broken(spec, datamodule, also or {})
+    for run in (spec, *variants):
+        why = footprint.too_big(run, info)
+        if why:
+            raise IncompatibleError(why)
+    return logged_metrics(classes["module"], tuple(info.val_sets))
 
 
 def build(spec: RunSpec) -> Built:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule, StreamWindows
-from orchestrator.contracts.settings import Count, Index
+from orchestrator.contracts.settings import Count, Index, Seed
 
 
 def echo_series(length: int, echo_step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ class Echo(SequenceDataModule):
     quick_check_settings = {"length": 3000, "val_length": 600}
 
     def __init__(self, length: Count = 50_000, echo_step: Index = 3, batch_size: Count = 5, bptt: Count = 15,
-                 val_length: Count = 10_000, seed: int = 0):
+                 val_length: Count = 10_000, seed: Seed = 0):
         super().__init__()
         for name, value, low in (("length", length, 1), ("echo_step", echo_step, 0),
                                  ("batch_size", batch_size, 1), ("bptt", bptt, 1),

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from orchestrator.contracts.dataset import DatasetInfo, SequenceDataModule
-from orchestrator.contracts.settings import Count, Index
+from orchestrator.contracts.settings import Count, Index, Seed
 
 SYMBOLS = "+-0I"
 _VALUE = torch.tensor([1, -1, 0, 0])  # what each symbol adds before inversion
@@ -112,7 +112,7 @@ class SumGame(SequenceDataModule):
     #: small settings for ``orch plugins check`` (orchestrator.registry.checks)
     quick_check_settings = {"length": 4, "long_lengths": [8], "long_count": 20}
 
-    def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: int = 0, batch_size: Count = 32,
+    def __init__(self, length: int = 6, train_fraction: float = 0.25, seed: Seed = 0, batch_size: Count = 32,
                  long_lengths: tuple[int, ...] | list[int] = (50, 100), long_count: Index = 500,
                  bptt: Count | None = None):
         super().__init__()
