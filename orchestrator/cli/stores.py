@@ -7,9 +7,12 @@ import json
 import click
 
 from orchestrator.cli.options import locate, storage_option
-from orchestrator.errors import UsageError
+from orchestrator.errors import StoreError, UsageError
+from orchestrator.execution.claims import claim_lock
+from orchestrator.names import shown
 from orchestrator.secrets import redact_url
 from orchestrator.storage import journal, record
+from orchestrator.storage.locks import if_free
 from orchestrator.storage.urls import file_of, journal_path
 
 
@@ -38,12 +41,18 @@ def repair(target: str, storage: str | None, force: bool) -> None:
     """Rewrite a damaged journal file with every valid record, after a backup beside it.
 
     For the default storage (a journal file), after `orch` refused it as damaged. A record cut
-    off at the end by a crash needs no repair: it is cut away automatically.
+    off at the end by a crash needs no repair: it is cut away automatically. A file that is no
+    journal of the study is refused, and so is one a process of this machine is using for a trial.
     """
-    _, url, _ = locate(target, storage)
+    name, url, _ = locate(target, storage)
     if journal_path(url) is None:
         raise UsageError(f"{url}: `orch study repair` mends journal files; a database is repaired with its own tools")
-    report = journal.repair(file_of(url), force=force)
+    journal.check_kind(journal_path(url))  # before a lock file is made beside it
+    with if_free(claim_lock(url, name)) as free:  # no worker of the study claims a trial meanwhile
+        if not free:
+            raise StoreError(f"a process of study {shown(name)} is claiming a trial from {file_of(url)}: stop the "
+                             "study's processes first (a repair rewrites the file under them); nothing was changed")
+        report = journal.repair(file_of(url), name, force=force)
     click.echo(f"kept {report['kept']} records; dropped line(s) {report['dropped_lines'] or 'none'}; "
                f"backup: {report['backup']}", err=True)
     click.echo(json.dumps(report, indent=2))

@@ -3,8 +3,8 @@
 RDB storages record heartbeats of running trials (``study.heartbeat``), which is how a trial
 whose worker vanished is found; orch fails and retries such trials itself
 (:mod:`orchestrator.execution.claims`), in Optuna and MLflow alike. A journal file is checked
-before use (:mod:`orchestrator.storage.journal`): a torn last record is cut away, other damage
-refused.
+before use (:mod:`orchestrator.storage.journal`): one that is not a regular file is refused before
+it is read, a torn last record is cut away, other damage refused.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None, writable:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     if journal_path(url) is not None:
-        path = Path(journal_path(url)).expanduser().resolve()
+        given = Path(journal_path(url)).expanduser()
+        journal.check_kind(given)  # a device, FIFO, folder or dangling link: refused before it is read or made
+        path = given.resolve()
         if not writable:
             journal.check(path, mend=False)  # damage is refused; nothing is written
             return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))

