@@ -8,6 +8,9 @@ this way is also remembered for the life of the process, in its raw and percent-
 and :func:`redact` hides any later occurrence of them in free text (a driver's error message, a
 traceback) that is not part of a longer word; URLs that were never parsed are still redacted
 by their shape.
+
+Plugin settings named like credentials (``hf_token``, ``aws_secret_access_key``, ...) are hidden
+the same way where they are logged (:func:`redact_settings`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ _known: set[str] = set()
 _SHAPE = re.compile(r"""(\b[a-zA-Z][\w+.-]*://[^:/@\s'"]*:)[^\s'"]*@""")
 # ?password=... or &password=... in a URL's query
 _QUERY = re.compile(r"""([?&](?:password|passwd|pwd)=)[^&\s'"#]*""", re.I)
+# the words (and pairs of words) of a setting's name that make its value a credential
+_CREDENTIAL_WORDS = {"password", "passwd", "pwd", "secret", "secrets", "token", "apikey", "credential",
+                     "credentials", "auth"}
+_CREDENTIAL_PAIRS = {("api", "key"), ("access", "key"), ("private", "key")}
+# a name's words: split at anything but letters and digits, and where camelCase turns upper
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
 
 def passwords_of(url: str) -> list[str]:
@@ -73,6 +82,36 @@ def redact_data(node):
     if isinstance(node, str) and "://" in node:
         return redact_url(node)
     return node
+
+
+def is_credential(key: str) -> bool:
+    """Whether a setting named ``key`` (its last dotted part) holds a credential: one of its words is
+    password, passwd, pwd, secret, token, apikey, credential(s) or auth, or two of them are api key,
+    access key or private key (``download_token``, ``hfToken``, ``aws_secret_access_key``; not
+    ``max_tokens`` or ``author``)."""
+    words = [w.lower() for w in _WORD.findall(str(key).rpartition(".")[2])]
+    return bool(_CREDENTIAL_WORDS.intersection(words) or _CREDENTIAL_PAIRS.intersection(zip(words, words[1:])))
+
+
+def redact_settings(node):
+    """A copy of settings (dotted ``section.key`` params, or nested YAML/JSON data) fit to log: the
+    value of every credential-named key (:func:`is_credential`) is ``***`` (an empty or ``None`` one
+    is left as it is: nothing to hide), and the password of every URL-valued string is hidden. The
+    credentials hidden are remembered, as passwords are, so that :func:`redact` hides them from a
+    later traceback too."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if is_credential(key) and value not in (None, ""):
+                if isinstance(value, str) and len(value) >= 8:  # a shorter one would hide ordinary words
+                    _known.add(value)
+                out[key] = MASK
+            else:
+                out[key] = redact_settings(value)
+        return out
+    if isinstance(node, (list, tuple)):
+        return [redact_settings(v) for v in node]
+    return redact_data(node)
 
 
 def describe(exc: BaseException) -> str:

@@ -27,7 +27,8 @@ MLFLOW_DB=${PGADMIN%/*}/${TAG}_mlflow
 
 # 2. The MLflow tracking server: PostgreSQL backend, artifacts stored and served by the server
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$PY" -m mlflow server --backend-store-uri "$MLFLOW_DB" --artifacts-destination "$WORK/artifacts" \
+# (the database URL, which may hold a password, through MLflow's variable: never on a command line)
+MLFLOW_BACKEND_STORE_URI="$MLFLOW_DB" "$PY" -m mlflow server --artifacts-destination "$WORK/artifacts" \
     --host 127.0.0.1 --port "$PORT" --workers 1 > "$WORK/mlflow-server.log" 2>&1 &
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$PORT
 until curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null; do sleep 1; done

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import os
 import signal
 import socket
 import subprocess
@@ -54,13 +56,19 @@ def ui(target: str | None, tracking_uri: str | None, host: str, port: int, open_
             webbrowser.open(link)
         return
     port = _free_port(host, port)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # the store's URL (and its password) goes in the environment, which `mlflow ui` reads for
+    # --backend-store-uri: a command line is readable by every user of the machine (ps, /proc)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     if sqlite_path(uri):
         artifacts = Path(sqlite_path(uri)).parent / "artifacts"
-        cmd += ["--default-artifact-root", artifacts.resolve().as_uri()]
+        env["MLFLOW_DEFAULT_ARTIFACT_ROOT"] = artifacts.resolve().as_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port)]
     base = f"http://{host}:{port}"
     click.echo(f"MLflow UI on {base}", err=True)
-    server = subprocess.Popen(cmd, stdout=sys.stderr)  # stdout holds only the link: scripts read it
+    if not _is_loopback(host):
+        click.echo(f"warning: the MLflow UI has no authentication: anyone who can reach {host}:{port} can read "
+                   "and change the runs (bind 127.0.0.1, the default, and reach it through an SSH tunnel)", err=True)
+    server = subprocess.Popen(cmd, stdout=sys.stderr, env=env)  # stdout holds only the link: scripts read it
 
     def stop(signum, frame):  # SIGTERM to orch alone (a supervisor): the server goes with it
         raise SystemExit(128 + signum)
@@ -121,6 +129,16 @@ def _ui_link(base: str, target: str | None, experiment: str | None) -> str:
     link = study_url(base, experiment)
     click.echo(f"study {target}: {link}", err=True)
     return link
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _free_port(host: str, port: int) -> int:

@@ -11,9 +11,11 @@ import math
 import os
 from typing import Any
 
-from orchestrator import schema
+import yaml
+
+from orchestrator import names, schema
 from orchestrator.errors import StoreError
-from orchestrator.secrets import MASK, redact_url
+from orchestrator.secrets import MASK, redact_settings, redact_url
 from orchestrator.spec.study import Study
 from orchestrator.storage.record import spec_text
 from orchestrator.storage.urls import sqlite_path
@@ -55,9 +57,11 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
                 raise
             run_id = None
     if not run_id:  # a study started by an older orch, which did not record its parent run
-        found = mlf.search_runs([exp_id], max_results=1, filter_string=(
-            f"tags.`{schema.ROLE}` = 'study' and tags.`{schema.STUDY}` = '{study.name}' and "
-            f"tags.`{schema.STORAGE}` = '{redact_url(storage_url)}'"))
+        # the study's name is a name (orchestrator.names: no quote); the storage URL is compared here,
+        # never put in a filter string, where a quote in it would end the literal
+        found = [r for r in mlf.search_runs([exp_id], max_results=100, filter_string=(
+            f"tags.`{schema.ROLE}` = 'study' and tags.`{schema.STUDY}` = '{names.check(study.name)}'"))
+            if r.data.tags.get(schema.STORAGE) == redact_url(storage_url)]
         run_id = found[0].info.run_id if found else None
     if not run_id and not create:
         raise StoreError(f"study {study.name!r}: its MLflow parent run {attrs.get(schema.PARENT_RUN)} is not in "
@@ -75,8 +79,9 @@ def parent_run(mlf, study: Study, ostudy, storage_url: str, uri: str, attrs: dic
                   **{f"study.pruner.{k}": v for k, v in s.pruner.options.items()},
                   **{f"space.{k}": p.model_dump(exclude_none=True) for k, p in s.space.items()},
                   **{f"fixed.{k}": v for k, v in study.base.flat_params().items()}}
-        log_params(mlf, run_id, params)
-        mlf.log_text(run_id, spec_text(study), schema.STUDY_FILE)
+        log_params(mlf, run_id, redact_settings(params))
+        shown_file = yaml.safe_dump(redact_settings(yaml.safe_load(spec_text(study))), sort_keys=False)
+        mlf.log_text(run_id, shown_file, schema.STUDY_FILE)
     if attrs.get(schema.PARENT_RUN) != run_id:
         ostudy.set_user_attr(schema.PARENT_RUN, run_id)
     shown = redact_url(uri)

@@ -13,7 +13,7 @@ from importlib.metadata import version as dist_version
 import yaml
 
 from orchestrator import schema
-from orchestrator.secrets import redact, redact_data
+from orchestrator.secrets import redact, redact_settings
 from orchestrator.tracking.client import experiment_id, log_params
 
 
@@ -54,9 +54,9 @@ def end_run(mlf, run_id: str, state: str, error: BaseException | str | None = No
 
 
 def log_settings(mlf, run_id: str, spec) -> None:
-    """A run's resolved settings as params and as ``config.yaml`` (passwords hidden)."""
-    log_params(mlf, run_id, spec.flat_params())
-    mlf.log_text(run_id, yaml.safe_dump(redact_data(spec.resolved()), sort_keys=False), schema.CONFIG)
+    """A run's resolved settings as params and as ``config.yaml`` (passwords and credentials hidden)."""
+    log_params(mlf, run_id, redact_settings(spec.flat_params()))
+    mlf.log_text(run_id, yaml.safe_dump(redact_settings(spec.resolved()), sort_keys=False), schema.CONFIG)
 
 
 def tag_fit(mlf, run_id: str, plugins: dict[str, dict[str, str]], device: str, seed: int, threads: int) -> None:
