@@ -150,8 +150,8 @@ def _writable(path: Path) -> str | None:
     """Why a file could not be created or appended to at ``path`` (its folders made as needed), or
     None. Nothing is left behind: an existing file is opened for appending and closed unchanged."""
     if path.is_file():
-        try:
-            open(path, "ab").close()
+        try:  # opened as itself: a link there is a finding, never followed to append to its target
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK))
         except OSError as exc:
             return f"cannot write {path}: {exc.strerror or exc}"
         return None

@@ -337,10 +337,23 @@ def test_repair_refuses_while_a_live_process_runs_a_trial_or_claims_one(tmp_path
     try:
         assert holder.stdout.readline().strip() == "held"
         message = one_line_refusal(repair(path))
-        assert "claiming a trial" in message and path.read_bytes() == broken
+        assert "is using" in message and path.read_bytes() == broken
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+    # a live `study run`/`study worker` between trials: it holds the journal's presence lock for its life
+    idle = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom orchestrator.storage import presence\n"
+                             "with presence.present('journal:' + sys.argv[1], 'tiny'):\n"
+                             "    print('present', flush=True); time.sleep(120)", str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout.readline().strip() == "present"
+        message = one_line_refusal(repair(path))
+        assert "is using" in message and path.read_bytes() == broken
+    finally:
+        idle.send_signal(signal.SIGKILL)  # the kernel drops its lock with it
+        idle.wait()
     assert repair(path).exit_code == 0  # its processes gone: repaired
 
 

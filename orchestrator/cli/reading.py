@@ -11,7 +11,7 @@ import json
 import click
 from rich.console import Console
 
-from orchestrator import names, schema
+from orchestrator import names, safe_files, schema
 from orchestrator.cli.options import open_optuna, storage_option
 from orchestrator.errors import OrchError
 from orchestrator.execution.outcomes import state_of
@@ -58,7 +58,8 @@ def report(target: str, storage: str | None, out_dir: str) -> None:
     path = names.under(out_dir, f"{names.check(ostudy.study_name)}-report.html")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page(ostudy, url, stored, retrain_for(ostudy, url)), encoding="utf-8")
+        # written under a fresh name and renamed: a link planted at the report's name is replaced, not followed
+        safe_files.replace(path.parent, path.name, page(ostudy, url, stored, retrain_for(ostudy, url)).encode())
     except OSError as exc:
         raise OrchError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
     click.echo(str(path.resolve()))

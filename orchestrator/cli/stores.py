@@ -11,7 +11,7 @@ from orchestrator.errors import StoreError, UsageError
 from orchestrator.execution.claims import claim_lock
 from orchestrator.names import shown
 from orchestrator.secrets import redact_url
-from orchestrator.storage import journal, record
+from orchestrator.storage import journal, presence, record
 from orchestrator.storage.locks import if_free
 from orchestrator.storage.urls import file_of, journal_path
 
@@ -48,10 +48,10 @@ def repair(target: str, storage: str | None, force: bool) -> None:
     if journal_path(url) is None:
         raise UsageError(f"{url}: `orch study repair` mends journal files; a database is repaired with its own tools")
     journal.check_kind(journal_path(url))  # before a lock file is made beside it
-    with if_free(claim_lock(url, name)) as free:  # no worker of the study claims a trial meanwhile
-        if not free:
-            raise StoreError(f"a process of study {shown(name)} is claiming a trial from {file_of(url)}: stop the "
-                             "study's processes first (a repair rewrites the file under them); nothing was changed")
+    with presence.alone(journal_path(url), name) as alone, if_free(claim_lock(url, name)) as free:
+        if not alone or not free:  # a live `study run`/`study worker`, even between trials, or a claim
+            raise StoreError(f"a process of study {shown(name)} is using {file_of(url)}: stop the study's "
+                             "processes first (a repair rewrites the file under them); nothing was changed")
         report = journal.repair(file_of(url), name, force=force)
     click.echo(f"kept {report['kept']} records; dropped line(s) {report['dropped_lines'] or 'none'}; "
                f"backup: {report['backup']}", err=True)

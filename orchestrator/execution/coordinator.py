@@ -34,7 +34,7 @@ from orchestrator.report.terminal import LiveTable, progress_line
 from orchestrator.secrets import redact_url
 from orchestrator.spec.space import grid_size
 from orchestrator.spec.study import Study
-from orchestrator.storage import probes, record
+from orchestrator.storage import presence, probes, record
 from orchestrator.storage.owners import worker_id
 from orchestrator.storage.urls import default_storage_url
 from orchestrator.tracking.parent import end_parent, log_progress
@@ -91,9 +91,12 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     faults = tempfile.mkdtemp(prefix="orch-faults-")  # where a worker stopped by a fault says why
     # their imports overlap the opening of the study and its MLflow run; no more than the budget can use
     early = workers.Prestarted(slots[:budget] if budget is not None else slots)
+    using = contextlib.ExitStack()
     try:
         joined = open_study(study, storage_url, create=create, tracking_uri=tracking_uri, outage=db,
                             **({"budget": budget} if create else {}))
+        # once it is open, until the study's end is recorded: no `study repair` rewrites its journal
+        using.enter_context(presence.present(storage_url, study.name))
         # the coordinator's MLflow calls wait out an outage too (its own clean-up never waits: no_wait)
         joined.mlf = RetryingClient(joined.mlf, outages.Outage(
             f"the MLflow tracking store {redact_url(joined.tracking_uri)}", section.outage_grace))
@@ -112,11 +115,16 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
              f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
              f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
              f"MLflow {redact_url(joined.tracking_uri)}")
-        ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
+        try:
+            ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
+        finally:
+            early.cancel()
+            shutil.rmtree(faults, ignore_errors=True)
+        return _finish(study, joined, ran)
     finally:
-        early.cancel()
+        early.cancel()  # (again: a study that could not be opened started some)
         shutil.rmtree(faults, ignore_errors=True)
-    return _finish(study, joined, ran)
+        using.close()
 
 
 #: a worker slot whose process died this many times within RESTART_WINDOW seconds is not restarted

@@ -93,7 +93,9 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
             directory.mkdir(parents=True, exist_ok=True)
             callbacks.append(LastCheckpoint(directory, ckpt_key))
         if checkpoint:
-            best = ModelCheckpoint(dirpath=directory, filename="best", monitor=checkpoint[0], mode=checkpoint[1],
+            # the best weights go to this process's private folder, never into the shared store
+            # (where a link planted at best.ckpt could redirect the write): logged to MLflow at the end
+            best = ModelCheckpoint(dirpath=tmp, filename="best", monitor=checkpoint[0], mode=checkpoint[1],
                                    save_top_k=1, save_weights_only=True)
             callbacks.append(best)
             trainer_overrides["enable_checkpointing"] = True
