@@ -176,6 +176,7 @@ class {cls}(SequenceModule):
     smoothing. Metrics: ``val_loss`` and ``val_acc`` (per step)."""
 
     tasks = ("step_classification",)
+    metrics = ("loss", "acc")  # what summarize() returns; a study's study.metric is checked against them
 
     def __init__(self, cell, info, lr: Positive = 1e-2, smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1,
                  **kwargs):
