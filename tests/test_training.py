@@ -330,7 +330,7 @@ def test_failed_run_is_marked_failed_with_traceback(tmp_path):
     data = echo_run(tmp_path)
     data["dataset"] = {"plugin": "sum_game", "long_count": 10}
     # a squared error under a huge SGD step overflows to inf within a few steps
-    data["module"] = {"plugin": "step_regression", "optimizer": "sgd", "lr": 1e30, "nan_check_every": 1}
+    data["module"] = {"plugin": "step_regression", "optimizer": "sgd", "lr": 1000, "nan_check_every": 1}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(main, ["train", write_yaml(tmp_path / "nan.yaml", data), "--tracking-uri", uri])
     client = mlflow.MlflowClient(uri)
