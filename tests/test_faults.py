@@ -391,7 +391,7 @@ def test_unwritable_stores_and_an_unreachable_tracking_server_are_refused_before
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", "run", path, *cases["server"][0]],
                             cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=60) == 2
-    assert live_in_group(proc.pid, wait=0) == []
+    assert live_in_group(proc.pid, wait=5) == []  # gone within seconds of its exit
     # nothing ran: no trial in any store orch could write
     for store in (tmp_path / "mlruns" / "optuna").glob("*.journal"):
         study = optuna.load_study(study_name="tiny", storage=optuna.storages.JournalStorage(

@@ -106,6 +106,19 @@ def test_the_checkpoint_store_probe_writes_beside_a_planted_link(tmp_path, outsi
     assert [p.name for p in store.iterdir()] == [link.name]
 
 
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling"])
+def test_a_link_planted_at_the_journal_s_presence_file_is_refused_not_followed(tmp_path, outside, dangling):
+    """``study run`` holds ``NAME.journal.STUDY.live`` (for ``study repair``) for its whole life: a link
+    planted there is refused with one line before any trial, never opened."""
+    link = plant(tmp_path / "mlruns" / "optuna" / "tiny.journal.tiny.live", outside.target(dangling))
+    proc = orch("study", "run", write(tmp_path / "tiny.yaml", echo_study(trials=1)), cwd=tmp_path)
+    assert proc.returncode == 2 and "it is a link" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    outside.check()
+    still_planted(link)
+    assert load(tmp_path)[0].trials == []
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------
 class Tiny(pl.LightningModule):
     def __init__(self):

@@ -11,10 +11,12 @@ children that end with it. Databases need none of this: ``repair`` mends journal
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 
 from orchestrator import names
+from orchestrator.errors import StoreError
 from orchestrator.storage.urls import journal_path
 
 
@@ -30,8 +32,13 @@ def present(storage_url: str, study: str):
     if journal is None:
         yield
         return
-    # shared by every process of the study, never written: created if absent, never through a link
-    fd = os.open(_path(journal, study), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    path = _path(journal, study)
+    try:  # shared by every process of the study, never written: created if absent, never through a link
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise StoreError(f"cannot use {path}, which tells `orch study repair` that the journal is in use: "
+                         f"{'it is a link, which orch never follows' if exc.errno == errno.ELOOP else exc.strerror}"
+                         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
