@@ -52,6 +52,8 @@ def remember(url: str | None) -> None:
     """Register the passwords of ``url`` (if any) so that :func:`redact` hides them from now on."""
     for password in passwords_of(url) if url else []:
         _known.update({password, quote(password, safe=""), quote(password), quote(password, safe="+")})
+        # a parser that splits an unencoded password at "@" or ":" quotes a fragment of it in its error
+        _known.update(part for part in re.split(r"[@:]", password) if len(part) >= 4 and part != password)
 
 
 def redact_url(url: str | None) -> str:

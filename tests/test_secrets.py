@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.secrets import MASK, is_credential, redact, redact_settings
 
-from helpers import echo_study, free_port, live_in_group, runs_of, start, write
+from helpers import REPO, echo_study, free_port, live_in_group, orch, runs_of, start, write
 
 WARNING = "the MLflow UI has no authentication"
 
@@ -239,3 +239,14 @@ def test_redact_settings_hides_credentials_and_url_passwords_flat_or_nested():
     assert nested["dataset"]["credentials"] == {"user": "u", "key": "k"}  # a copy: the settings still work
     # a credential once hidden stays hidden in a later traceback of the same process
     assert redact("HTTPError 401 for token hf_abcdefghij") == f"HTTPError 401 for token {MASK}"
+
+
+def test_a_fragment_of_an_unencoded_password_quoted_by_a_parser_is_hidden(tmp_path):
+    """A password with unencoded ``@`` and ``:`` (``p@ss:w0rd!``): SQLAlchemy splits the URL at the
+    wrong place and quotes a fragment of it in its error; the refusal shows none of it."""
+    study = tmp_path / "tiny.yaml"
+    study.write_text((REPO / "studies" / "echo.yaml").read_text())
+    proc = orch("study", "create", str(study), "--storage", "postgresql://u:p@ss:w0rd!@127.0.0.1:1/db", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "w0rd" not in proc.stderr and "p@ss" not in proc.stderr, proc.stderr
+    assert "***" in proc.stderr
