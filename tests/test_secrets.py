@@ -90,6 +90,7 @@ def stop_orch(proc, log: Path) -> str:
 
 
 # ---- orch ui ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # an mlflow ui server started and stopped: 20 s and more
 def test_orch_ui_hands_the_store_url_to_mlflow_in_its_environment_never_on_a_command_line(tmp_path, databases):
     password = "s3cret-pw-4711"
     url = databases.make(password=password)
@@ -123,6 +124,7 @@ def test_orch_ui_hands_the_store_url_to_mlflow_in_its_environment_never_on_a_com
     assert WARNING not in out  # bound to 127.0.0.1: no warning
 
 
+@pytest.mark.slow  # an mlflow ui server started and stopped: 20 s and more
 def test_orch_ui_on_a_non_loopback_address_warns_that_anyone_there_can_change_the_runs(tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"

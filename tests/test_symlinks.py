@@ -106,6 +106,7 @@ def test_the_checkpoint_store_probe_writes_beside_a_planted_link(tmp_path, outsi
     assert [p.name for p in store.iterdir()] == [link.name]
 
 
+@pytest.mark.slow  # two real study runs
 @pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling"])
 def test_a_link_planted_at_the_journal_s_presence_file_is_refused_not_followed(tmp_path, outside, dangling):
     """``study run`` holds ``NAME.journal.STUDY.live`` (for ``study repair``) for its whole life: a link
