@@ -155,7 +155,7 @@ def corners(section: StudySection, base: dict[str, Any]) -> list[dict[str, Any]]
     once, each with all ranges at their low ends and at their high ends: each choice with the
     other categoricals at their first choice, and each ``when`` condition made true with its
     first allowed values. Their number grows with the choices, not with their product (twelve
-    categoricals of three choices are 2 x 37 sets, not 2 x 3**12)."""
+    categoricals of three choices are 2 x 25 sets, not 2 x 3**12)."""
     cats = {k: p.choices for k, p in section.space.items() if isinstance(p, CategoricalParam)}
     first = {k: choices[0] for k, choices in cats.items()}
     picks = [dict(first)]
