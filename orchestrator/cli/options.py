@@ -9,7 +9,6 @@ from orchestrator import names
 from orchestrator.contracts import SECTIONS
 from orchestrator.errors import UsageError
 from orchestrator.spec.files import load_yaml
-from orchestrator.spec.space import corners
 from orchestrator.spec.study import Study, load_study, parsed_study
 from orchestrator.storage import record
 from orchestrator.storage.urls import default_storage_url
@@ -75,9 +74,7 @@ def preflight(run, file: str, study: Study | None = None) -> None:
         for section, kind in SECTIONS.items():
             param = study.section.space.get(f"{section}.plugin")
             also[kind] = set(getattr(param, "choices", ()) or ())
-    variants = []
-    if study is not None and "dataset.plugin" not in study.section.space:
-        variants = [study.spec_for(params) for params in corners(study.section, study.data)]
+    variants = study.variants if study is not None and "dataset.plugin" not in study.section.space else []
     try:
         logged = check_run(run, also, variants)
     except UsageError as exc:

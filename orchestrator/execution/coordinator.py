@@ -115,14 +115,11 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
              f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
              f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "
              f"MLflow {redact_url(joined.tracking_uri)}")
-        try:
-            ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
-        finally:
-            early.cancel()
-            shutil.rmtree(faults, ignore_errors=True)
+        ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
+        early.cancel()  # the workers started early that no slot took
         return _finish(study, joined, ran)
     finally:
-        early.cancel()  # (again: a study that could not be opened started some)
+        early.cancel()  # (a study that could not be opened, or a stop signal)
         shutil.rmtree(faults, ignore_errors=True)
         using.close()
 

@@ -259,10 +259,9 @@ def yaml_source(text: str, label: str) -> tuple[dict[str, Any], Source]:
     if len(text) > MAX_BYTES:
         raise SpecError(f"{label}: over {MAX_BYTES // 1024} KiB of text: refused")
     _check_brackets(text, label)
-    longest = max(map(len, text.splitlines()), default=0)
-    if longest > MAX_LINE:
-        line = next(i for i, row in enumerate(text.splitlines(), 1) if len(row) == longest)
-        raise SpecError(f"{label}:{line}: refused: a line of {longest:,} characters; at most {MAX_LINE:,}")
+    for line, row in enumerate(text.splitlines(), 1):
+        if len(row) > MAX_LINE:
+            raise SpecError(f"{label}:{line}: refused: a line of {len(row):,} characters; at most {MAX_LINE:,}")
     try:
         node, data = _compose(text)
     except yaml.YAMLError as exc:

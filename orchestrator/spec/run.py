@@ -12,9 +12,9 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from orchestrator import names, registry
 from orchestrator.contracts import SECTIONS
@@ -25,6 +25,17 @@ from orchestrator.spec.files import Source, apply_overrides, load_yaml, override
 
 # settings orch passes itself, never taken from a file
 RESERVED = {"cells": {"input_size"}, "modules": {"cell", "info"}, "datasets": set()}
+
+
+def _valid_name(value: str) -> str:
+    why = names.problem(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+#: a name that becomes a path or an MLflow name (:mod:`orchestrator.names`), as a field of a file
+Name = Annotated[str, Field(max_length=names.MAX_LENGTH), AfterValidator(_valid_name)]
 
 
 class PluginSection(BaseModel):
@@ -40,7 +51,7 @@ class RunSpec(BaseModel):
     """A validated run: plugins with their settings, Trainer arguments, seed and tracking."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=names.MAX_LENGTH)
+    name: Name | None = None
     seed: Seed = 0
     dataset: PluginSection
     cell: PluginSection
@@ -48,13 +59,6 @@ class RunSpec(BaseModel):
     trainer: dict[str, Any] = Field(default_factory=dict)
     tracking_uri: str | None = None
     study: dict[str, Any] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        if value is not None and names.problem(value):
-            raise ValueError(names.problem(value))
-        return value
 
     def resolved(self) -> dict[str, Any]:
         """The spec as a plain dict (what is logged as the resolved config)."""

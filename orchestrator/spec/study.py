@@ -33,13 +33,13 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator import names
 from orchestrator.errors import SpecError
 from orchestrator.names import shown
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
-from orchestrator.spec.run import RunSpec, validate
+from orchestrator.spec.run import Name, RunSpec, validate
 from orchestrator.spec.samplers import make_pruner, make_sampler
 from orchestrator.spec.space import MAX_GRID, Param, corners, lookup, parse_space
 
@@ -88,8 +88,8 @@ class StudySection(BaseModel):
     """The validated ``study`` section."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: str | None = Field(default=None, max_length=names.MAX_LENGTH)
-    metric: str = Field(max_length=names.MAX_LENGTH)
+    name: Name | None = None
+    metric: Name
     direction: Literal["minimize", "maximize"]
     trials: int | None = Field(default=None, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(default=None, gt=0, le=366 * 24 * 3600)
@@ -105,13 +105,6 @@ class StudySection(BaseModel):
     checkpoint_dir: str | None = Field(default=None, max_length=4096)
     space: dict[str, Param] = Field(default_factory=dict)
 
-    @field_validator("name", "metric")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        if value is not None and names.problem(value):
-            raise ValueError(names.problem(value))
-        return value
-
 
 class Study:
     """A validated study file: the base run data, the study section, and where they came from."""
@@ -121,6 +114,9 @@ class Study:
         self.section = section
         self.src = src
         self.base = base
+        #: the runs at the study's corners (:func:`~orchestrator.spec.space.corners`), each validated
+        #: by :func:`study_from`; empty for a study only parsed
+        self.variants: list[RunSpec] = []
 
     @property
     def name(self) -> str:
@@ -225,13 +221,13 @@ def parsed_study(data: dict[str, Any], src: Source) -> Study:
 
 
 def named(study: Study) -> Study:
-    """``study`` if its name (given, or the file's name) is a valid name (:mod:`orchestrator.names`)."""
-    why = names.problem(study.name)
-    if why:
-        key = "study.name" if study.section.name else "name" if study.base.name else None
-        where = study.src.where(key) if key else study.src.path
-        raise SpecError(f"{where}: the study name {names.shown(study.name)} is not valid: {why}"
-                        + ("" if key else " (it is the file's name: set study.name)"), key=key)
+    """``study`` if its name is a valid name (:mod:`orchestrator.names`): ``study.name`` and ``name``
+    are checked as fields; this checks the file's name, when that is the study's."""
+    if not (study.section.name or study.base.name):
+        why = names.problem(study.name)
+        if why:
+            raise SpecError(f"{study.src.path}: the study name {names.shown(study.name)} is not valid: {why} (it is "
+                            "the file's name: set study.name)")
     return study
 
 
@@ -267,7 +263,7 @@ def study_from(data: dict[str, Any], src: Source) -> Study:
     # every choice and every condition, at both range ends, must make a valid run
     for params in corners(section, data):
         try:
-            study.spec_for(params)
+            study.variants.append(study.spec_for(params))
         except SpecError as exc:
             key = exc.key if exc.key in params else next(
                 (k for k in params if exc.key and exc.key.startswith(k.split(".")[0] + ".")), None)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+from pathlib import Path
 
 from orchestrator import names
 from orchestrator.errors import StoreError
@@ -21,7 +22,13 @@ from orchestrator.storage.urls import journal_path
 
 
 def _path(journal: str, study: str) -> str:
-    return f"{journal}.{names.check(study)}.live"
+    """The sign's file: beside the journal as the storage opens it (resolved), whatever the path given."""
+    return f"{Path(journal).expanduser().resolve()}.{names.check(study)}.live"
+
+
+def _refused(path: str, exc: OSError) -> StoreError:
+    why = "it is a link, which orch never follows" if exc.errno == errno.ELOOP else exc.strerror
+    return StoreError(f"cannot use {path}, which tells `orch study repair` that the journal is in use: {why}")
 
 
 @contextlib.contextmanager
@@ -36,9 +43,7 @@ def present(storage_url: str, study: str):
     try:  # shared by every process of the study, never written: created if absent, never through a link
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as exc:
-        raise StoreError(f"cannot use {path}, which tells `orch study repair` that the journal is in use: "
-                         f"{'it is a link, which orch never follows' if exc.errno == errno.ELOOP else exc.strerror}"
-                         ) from None
+        raise _refused(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -51,11 +56,14 @@ def alone(journal: str, study: str):
     """Yield whether no process of ``study`` uses ``journal`` now; while the block runs, none can
     start (a ``study run`` or ``study worker`` started meanwhile waits at :func:`present`). No sign
     file means no process has ever used the journal: then nothing is created."""
+    path = _path(journal, study)
     try:
-        fd = os.open(_path(journal, study), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         yield True
         return
+    except OSError as exc:
+        raise _refused(path, exc) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

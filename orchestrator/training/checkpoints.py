@@ -158,8 +158,8 @@ class LastCheckpoint(pl.Callback):
 def own_folder(directory: Path) -> Path:
     """``directory``, made sure to be a real folder of this user that no one else may write into: a
     link or file planted at its name is removed first (never followed), write permission for others
-    taken away, and anything in it but regular files (a link to a file of the user's, that the best
-    checkpoint's name might lead to) removed; another user's folder is refused
+    taken away, and anything in it but regular files (a link planted while others could write
+    there) removed; another user's folder is refused
     (:class:`~orchestrator.errors.StoreError`)."""
     directory = Path(directory)
     for _ in range(3):
