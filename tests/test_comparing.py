@@ -70,10 +70,12 @@ def _text_when(driver, wanted, timeout=90) -> str:
 
     deadline = time.time() + timeout
     text = ""
-    while time.time() < deadline:
+    while True:
         text = driver.find_element(By.TAG_NAME, "body").text
         if all(w in text for w in wanted):
             return text
+        if time.time() > deadline:
+            break
         time.sleep(1)
     raise AssertionError(f"the page never showed {[w for w in wanted if w not in text]}; it showed:\n{text[:3000]}")
 
@@ -100,10 +102,23 @@ def test_orch_ui_link_opens_the_trial_runs_sorted_by_the_metric_in_chromium(stud
             except OSError:  # not listening yet (refused, reset or timed out)
                 assert proc.poll() is None, (studied / "ui.log").read_text()
                 time.sleep(1)
-        browser.get(link)
         names = {t.number: by_trial[t.number].info.run_name for t in study.trials}
         values = {t.number: repr(t.value) for t in study.trials}
-        text = _text_when(browser, [*names.values(), *values.values(), "val_acc", "module.lr", "cell.hidden_size"])
+        wanted = [*names.values(), *values.values(), "val_acc", "module.lr", "cell.hidden_size"]
+        # MLflow 3.18's page has a race: it may reset the runs table after applying the view (sort and
+        # filter kept, columns and the "shared view" banner gone), seen in CI and here on about one
+        # load in four once its files are cached (reproduced by stalling the server for 6 s after the
+        # page loads). A user opens the link again; so does the test, up to 5 loads in all.
+        for tries_left in reversed(range(5)):
+            browser.get("about:blank")
+            browser.get(link)
+            _text_when(browser, ["matching runs"])
+            try:
+                text = _text_when(browser, [*wanted, "viewing a shared view"], timeout=15)
+                break
+            except AssertionError:
+                if not tries_left:
+                    raise
         browser.save_screenshot(str(studied / "ui-trials.png"))
         # the trial runs, best first (the study maximises val_acc), each with its metric's value
         shown = sorted(study.trials, key=lambda t: text.index(names[t.number]))
