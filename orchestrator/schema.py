@@ -43,6 +43,8 @@ LINEAGE = "orch.lineage"
 LOSSES = "orch.losses"
 #: the epoch a retry resumed at, from its line's last checkpoint (also an MLflow tag)
 RESUMED_AT_EPOCH = "orch.resumed_at_epoch"
+#: where inside that epoch: the training windows its checkpoint had done (an MLflow tag; absent at an epoch's start)
+RESUMED_AT_WINDOW = "orch.resumed_at_window"
 
 # ---- MLflow: run tags --------------------------------------------------------------------------------
 #: ``study`` (a study's parent run), ``trial`` (one trial) or ``retrain`` (orch train --from-study)

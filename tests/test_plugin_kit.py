@@ -54,6 +54,17 @@ class Shuffled(Echo):
         return DataLoader(loader.dataset, batch_size=None, shuffle=True)
 
 
+class UnsavedEpochState(StepClassification):
+    '''Weighs each window by its place in the epoch, a count it keeps out of window_state().'''
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.place = 0
+
+    def training_loss(self, loss, x):
+        self.place = getattr(self, "place", 0) + 1
+        return loss * self.place
+
+
 class ForgetfulModule(StepClassification):
     '''Starts every window from a fresh state: it does not carry the state.'''
     def run_batch(self, x, key):
@@ -95,6 +106,7 @@ def test_each_kit_catches_the_rule_a_plugin_breaks(broken):
     assert rule_of(check_cell, plugins.WrongStateShape, hidden_size=0) == "cell.settings"
     assert rule_of(check_dataset, plugins.Shuffled, length=3000, val_length=600) == "dataset.windows"
     assert rule_of(check_module, plugins.ForgetfulModule) == "module.carries_state"
+    assert rule_of(check_module, plugins.UnsavedEpochState) == "module.resumable"  # a retry would train otherwise
 
 
 class WrongSplits(SequenceDataModule):

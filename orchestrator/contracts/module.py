@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import pytorch_lightning as pl
 import torch
 
-from orchestrator.contracts.cell import Cell, State, detach_state
+from orchestrator.contracts.cell import Cell, State, detach_state, map_state
 from orchestrator.contracts.dataset import DatasetInfo
 from orchestrator.contracts.settings import Index, LearningRate, NonNegative, Positive
 
@@ -121,6 +121,7 @@ class SequenceModule(pl.LightningModule):
         self._epoch_t0 = 0.0
         self._eval_t0: float | None = None
         self._paused = 0.0  # seconds of validation inside the current training epoch
+        self._window: dict[str, Any] | None = None  # restore_window's state, for the next epoch start
 
     # ---- hooks for subclasses -------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -172,7 +173,36 @@ class SequenceModule(pl.LightningModule):
         for key in [k for k in self._states if k.startswith(prefix)]:
             del self._states[key]
 
+    # ---- resuming in the middle of an epoch -----------------------------------------------
+    def window_state(self) -> dict[str, Any]:
+        """What the rest of the current training epoch needs besides the weights, the optimiser and
+        the random generators, saved in a checkpoint taken between two training windows: the carried
+        training state of every stream and the epoch's running sums. A subclass that keeps more
+        per-epoch state of its own adds it (``{**super().window_state(), "mine": ...}``: tensors,
+        numbers, strings and their lists, tuples and dicts) and takes it back in
+        :meth:`restore_window`; ``orchestrator.testing.check_module`` checks that a resumed epoch
+        trains exactly as one never stopped."""
+        return {"states": {k: v for k, v in self._states.items() if k.startswith("train")},
+                "loss_sum": self._train_loss_sum, "steps": self._train_steps, "elems": self._train_elems,
+                "elapsed": time.perf_counter() - self._epoch_t0 - self._paused}
+
+    def restore_window(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`window_state` when a fit resumes in the middle of an epoch (called while
+        the checkpoint is loaded; :meth:`on_train_start` applies it, since Lightning does not start
+        that epoch again)."""
+        self._window = state
+
     # ---- training -------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Lightning resumes a fit saved between two windows without calling on_train_epoch_start
+        window, self._window = self._window, None
+        if window is not None:
+            self._states.update({k: map_state(lambda t: t.to(self.device), v) for k, v in window["states"].items()})
+            self._train_loss_sum = torch.as_tensor(window["loss_sum"], device=self.device).clone()
+            self._train_steps, self._train_elems = int(window["steps"]), int(window["elems"])
+            self._paused = 0.0
+            self._epoch_t0 = time.perf_counter() - float(window["elapsed"])
+
     def on_train_epoch_start(self) -> None:
         self.reset_states("train")
         self._train_loss_sum = torch.zeros((), device=self.device)

@@ -110,9 +110,12 @@ def _prepare(job, ostudy, trial, mlf, run: _Run) -> None:
     if run.retry_of is None:
         checkpoints.remove(run.folder)  # a new line: nothing of another study's trial of this number
         return
-    run.resume_at = checkpoints.resume_epoch(run.folder, run.key)
-    if run.resume_at is not None:
+    point = checkpoints.resume_point(run.folder, run.key)
+    if point is not None:
+        run.resume_at, window = point
         mlf.set_tag(run.run_id, schema.RESUMED_AT_EPOCH, str(run.resume_at))
+        if window is not None:
+            mlf.set_tag(run.run_id, schema.RESUMED_AT_WINDOW, str(window))
         trial.set_user_attr(schema.RESUMED_AT_EPOCH, run.resume_at)  # for the live table's ETA
         _carry_over(ostudy, trial, mlf, run.run_id, run.resume_at)
 
@@ -132,7 +135,8 @@ def _fit(job, trial, mlf, slot, run: _Run) -> float:
                          callbacks=[run.pruning, callbacks.interruption()],
                          checkpoint=(section.metric, mode) if section.checkpoint else None,
                          ckpt_dir=run.folder, ckpt_key=run.key,
-                         resume=run.folder / checkpoints.LAST if run.resume_at else None,
+                         ckpt_every=(section.checkpoint_every.windows, section.checkpoint_every.seconds),
+                         resume=run.folder / checkpoints.LAST if run.resume_at is not None else None,
                          may_write=held.may_write if held is not None else (lambda: True),
                          enable_progress_bar=False, **overrides)
     run.pruning.flush()  # the reports kept while the storage was away (waits for it)

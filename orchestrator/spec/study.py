@@ -15,6 +15,7 @@ A study file is a run file plus::
       heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
       outage_grace: 600             # seconds a storage or tracking store that does not answer is waited for
       checkpoint_dir: null          # where trials keep their last checkpoint (default mlruns/checkpoints)
+      checkpoint_every: {seconds: 300}  # also inside an epoch: every N seconds and/or windows (and at SIGTERM)
       space:
         cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
         cell.hidden_size: {type: int, low: 100, high: 800, step: 50}
@@ -84,6 +85,16 @@ class HeartbeatSettings(BaseModel):
         return self
 
 
+class CheckpointEvery(BaseModel):
+    """How often a trial checkpoints between two training windows (besides every epoch's end and a
+    stop signal): every ``windows`` training windows and/or every ``seconds`` of training, whichever
+    comes first (``null``: not by that measure)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    windows: int | None = Field(default=None, ge=1, le=10**9)
+    seconds: float | None = Field(default=300, gt=0, le=7 * 24 * 3600)
+
+
 class StudySection(BaseModel):
     """The validated ``study`` section."""
 
@@ -103,6 +114,7 @@ class StudySection(BaseModel):
     outage_grace: float = Field(default=600, gt=0, le=7 * 24 * 3600)
     checkpoint: bool = True
     checkpoint_dir: str | None = Field(default=None, max_length=4096)
+    checkpoint_every: CheckpointEvery = CheckpointEvery()
     space: dict[str, Param] = Field(default_factory=dict)
 
 

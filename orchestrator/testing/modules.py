@@ -15,12 +15,18 @@ Lightning ``Trainer`` on the CPU. Rules (each failure a
   validation metrics as ``{val set}_{metric}``;
 - ``module.carries_state``: in a stream, every window starts from the state the window before
   ended with (detached), and every epoch from the cell's initial state;
-- ``module.deterministic``: two fits under one seed log the same training loss.
+- ``module.deterministic``: two fits under one seed log the same training loss;
+- ``module.resumable``: a fit checkpointed between two windows, stopped and resumed, trains
+  exactly (within 1e-6) like one never stopped (a preempted trial's retry continues at the next
+  window: a module's own per-epoch state goes in ``window_state()``/``restore_window()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -31,7 +37,9 @@ from orchestrator.contracts.dataset import TASKS, DatasetInfo, StreamWindows
 from orchestrator.contracts.module import CellSpec, SequenceModule
 from orchestrator.testing.rules import require, rule
 from orchestrator.testing.settings import check_settings
+from orchestrator.training.checkpoints import LAST, LastCheckpoint
 from orchestrator.training.quiet import quiet_lightning
+from orchestrator.training.resumable import ResumableLoader
 
 STATE_FIX = ("train through SequenceModule.run_batch (or keep its rule): carry the state from window to "
              "window, detached, and reset it at each epoch start")
@@ -120,6 +128,49 @@ def _equal(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
 
 
+class _Losses(pl.Callback):
+    def __init__(self, stop_after: int | None = None):
+        self.losses: list[float] = []
+        self.stop_after = stop_after
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        if len(self.losses) == self.stop_after:
+            raise _Preempted
+
+
+class _Preempted(Exception):
+    pass
+
+
+def _resumes_exactly(cls, info, settings, train, val) -> None:
+    """A fit checkpointed between two windows, stopped there and resumed in a new trainer trains
+    exactly like the fit never stopped (rule ``module.resumable``)."""
+    def fit(callbacks, ckpt=None):
+        module = _build(cls, info, settings)
+        torch.manual_seed(0)
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             deterministic=True, callbacks=callbacks)
+        trainer.fit(module, train_dataloaders=ResumableLoader(train), val_dataloaders=val, ckpt_path=ckpt,
+                    weights_only=True)
+
+    quiet_lightning(logging.ERROR)
+    reference, first, second = _Losses(), _Losses(stop_after=len(train) + 2), _Losses()
+    fit([reference])
+    with tempfile.TemporaryDirectory(prefix="orch-check-") as tmp:
+        with contextlib.suppress(_Preempted):  # after the second window of the second epoch
+            fit([LastCheckpoint(Path(tmp), "check", every_windows=1), first])
+        fit([LastCheckpoint(Path(tmp), "check"), second], ckpt=str(Path(tmp) / LAST))
+    got, want = first.losses + second.losses, reference.losses
+    require(len(got) == len(want) and all(abs(a - b) <= 1e-6 for a, b in zip(got, want)),
+            "module.resumable", f"stopped after window {len(first.losses)} and resumed, the training losses were "
+            f"{[round(v, 6) for v in second.losses]}; without the stop "
+            f"{[round(v, 6) for v in want[len(first.losses):]]}",
+            "keep any per-epoch state of your own in window_state() (return {**super().window_state(), ...}) and "
+            "take it back in restore_window(); draw randomness only from torch's generator")
+
+
 def check_module(cls: type[SequenceModule], **settings) -> None:
     """Run every module rule on ``cls`` for each task it declares."""
     require(isinstance(cls, type) and issubclass(cls, SequenceModule), "module.contract",
@@ -174,6 +225,7 @@ def check_module(cls: type[SequenceModule], **settings) -> None:
         require(losses[0] == losses[1], "module.deterministic",
                 f"two fits under one seed: train_loss {losses[0]} vs {losses[1]}",
                 "draw randomness only from torch's generator (seeded by orch)")
+        _resumes_exactly(cls, info, checked, train, val)
 
 
 __all__ = ["check_module", "ReferenceCell", "toy_data"]

@@ -9,7 +9,7 @@
 - :func:`pruning`: a trial's study metric reported to Optuna after each validation, pruned when
   the pruner says so.
 - :func:`interruption`: a trial's fit ends at the next step boundary once its worker is asked to
-  stop (:mod:`orchestrator.execution.stopping`).
+  stop (:mod:`orchestrator.execution.stopping`), after the window's checkpoint is written.
 - :class:`TrainingBar`: what ``orch train`` shows while it trains: the running loss, the module's
   own reading of it (perplexity for a language model), the last validation metrics and the
   throughput. The numbers come from :meth:`SequenceModule.progress_metrics`, read only when the bar
@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader
 from orchestrator import outages
 from orchestrator.contracts.dataset import StreamWindows
 from orchestrator.execution import lease, stopping
+from orchestrator.training.checkpoints import LastCheckpoint
+from orchestrator.training.resumable import ResumableLoader
 
 #: steps between two refreshes of the training bar
 REFRESH = 10
@@ -41,6 +43,8 @@ def _loaders(found) -> list:
         return []
     if isinstance(found, DataLoader):
         return [found]
+    if isinstance(found, ResumableLoader):
+        return _loaders(found.loader)
     if isinstance(found, dict):
         return [x for v in found.values() for x in _loaders(v)]
     if isinstance(found, (list, tuple)):
@@ -68,6 +72,8 @@ class StreamsOnDevice(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _move(trainer.train_dataloader, pl_module.device)
+
+    on_train_start = on_train_epoch_start  # a fit resumed between two windows starts no epoch
 
     def on_validation_start(self, trainer, pl_module) -> None:
         _move(trainer.val_dataloaders, pl_module.device)
@@ -138,7 +144,14 @@ class Interruption(pl.Callback):
         self._check()
         _check_lease()
 
-    on_train_batch_end = on_validation_batch_end = _check
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if stopping.requested() is not None:  # a stop that came after the checkpoint callback ran: its checkpoint first
+            for callback in trainer.callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    callback.save_window(trainer, batch_idx)
+        self._check()
+
+    on_validation_batch_end = _check
     on_train_epoch_start = on_validation_end = _check_writable
 
 

@@ -1,14 +1,18 @@
 """The study's checkpoint store: what lets a retried trial continue instead of starting over.
 
-Each trial of a study writes, at the end of every epoch but the last, ``last.ckpt`` (weights,
-optimiser and scheduler, the loops' progress, the callbacks' state, and the random number
-generators' states) into a folder of its *lineage*: the trial it retries, or itself. The file
-becomes the one to resume from (``last.json`` names its epoch and the trial's fingerprint) only
-once that epoch's metrics are in MLflow, so a retry never skips an epoch that was not logged, and
-never resumes another trial's checkpoint. The trial's best checkpoint
+Each trial of a study writes ``last.ckpt`` (weights, optimiser and scheduler, the loops' progress,
+the callbacks' state, the random number generators' states, the training loader's position and
+shuffle state: :mod:`orchestrator.training.resumable`) into a folder of its *lineage*: the trial it
+retries, or itself. It is written at the end of every epoch but the last, and between two training
+windows every ``study.checkpoint_every`` (seconds and/or windows) and when a stop is requested (a
+preemption's SIGTERM), with the module's carried TBPTT state and running sums
+(:meth:`~orchestrator.contracts.module.SequenceModule.window_state`). The file becomes the one to
+resume from (``last.json`` names its epoch, its window and the trial's fingerprint) only once
+every finished epoch's metrics are in MLflow, so a retry never skips an epoch that was not logged,
+and never resumes another trial's checkpoint. The trial's best checkpoint
 (``best.ckpt``, logged to MLflow at the end) lives beside it. A trial that is interrupted
 (Ctrl-C, SIGTERM, preemption) or lost (its worker died) leaves the folder behind; its retry
-resumes from ``last.ckpt`` at the next epoch, and its MLflow run receives the earlier epochs'
+resumes from ``last.ckpt`` at the next window, and its MLflow run receives the earlier epochs'
 metrics from the interrupted run (:func:`orchestrator.tracking.runs.copy_history`), so that every
 epoch is logged once. A trial that ends
 (complete, pruned, failed) removes its folder.
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import stat
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -38,9 +43,12 @@ import torch
 
 from orchestrator import names, safe_files
 from orchestrator.errors import StoreError
+from orchestrator.execution import stopping
+from orchestrator.training.resumable import ResumableLoader
 
 LAST = "last.ckpt"
 INDEX = "last.json"
+WINDOW = "orch_window"  # the module's window_state in a checkpoint taken between two windows
 
 
 def folder(root: str | Path, study: str, lineage: int) -> Path:
@@ -66,6 +74,13 @@ def fingerprint(study_id: int, lineage: int, params: dict) -> str:
 
 def resume_epoch(directory: Path, key: str) -> int | None:
     """The epoch to resume at from ``directory`` (``None``: nothing to resume for ``key``)."""
+    point = resume_point(directory, key)
+    return None if point is None else point[0]
+
+
+def resume_point(directory: Path, key: str) -> tuple[int, int | None] | None:
+    """Where a retry resumes from ``directory``: the epoch, and the window of that epoch after which
+    its checkpoint was taken (``None``: the epoch's start); ``None``: nothing to resume for ``key``."""
     directory = Path(directory)
     try:
         if not stat.S_ISDIR(os.lstat(directory).st_mode):  # a link planted at the folder's name
@@ -77,7 +92,8 @@ def resume_epoch(directory: Path, key: str) -> int | None:
         return None
     if not isinstance(index, dict) or index.get("key") != key:
         return None
-    return int(index["epoch"]) + 1
+    window = index.get("window")
+    return int(index["epoch"]) + 1, (int(window) if window is not None else None)
 
 
 def _rng_state() -> dict:
@@ -108,51 +124,108 @@ def _tuples(value):
 
 class LastCheckpoint(pl.Callback):
     """Keeps ``last.ckpt`` in ``directory``: written at the end of every training epoch but the
-    last (after its validation), published when the next epoch starts, once the loggers have
-    written the finished epoch's metrics; carries the RNG states in its own state."""
+    last (after its validation), and between two training windows every ``every_windows`` windows
+    or ``every_seconds`` seconds (whichever comes first) and as soon as a stop is requested
+    (:mod:`orchestrator.execution.stopping`: a preemption's SIGTERM); published once the loggers
+    have written every finished epoch's metrics (at once for a window's checkpoint, when the next
+    epoch starts for an epoch's). Carries the RNG states in its own state, and the module's
+    :meth:`~orchestrator.contracts.module.SequenceModule.window_state` in a window's checkpoint."""
 
-    def __init__(self, directory: Path, key: str):
+    def __init__(self, directory: Path, key: str, every_windows: int | None = None,
+                 every_seconds: float | None = None):
         self.directory = own_folder(directory)
         self.key = key
-        self._pending: tuple[Path, int] | None = None
+        self.every_windows = every_windows
+        self.every_seconds = every_seconds
+        self._pending: tuple[Path, dict] | None = None
+        self._since = 0  # windows trained since the last checkpoint
+        self._last = time.monotonic()
+        self._window: int | None = None  # the window a checkpoint being saved was taken after
+        self._saved_at: tuple[int, int] | None = None  # (epoch, window index) of the last window checkpoint
 
     def _new(self, name: str, data: bytes = b"") -> Path:
         """A new file of this process beside ``name``, created exclusively (``NAME.<random>.<pid>.tmp``)."""
         return safe_files.write_new(self.directory, f"{name}.", data, suffix=f".{os.getpid()}.tmp")
 
-    def on_train_epoch_end(self, trainer, module) -> None:
-        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
-            return  # the last epoch: a retry would have nothing left to train
+    def _save(self, trainer, finished: int, window: int | None) -> None:
         if self._pending is not None:  # never published (the tracking store was away): this one replaces it
             self._pending[0].unlink(missing_ok=True)
             self._pending = None
+        loader = _resumable(trainer)
+        if loader is not None:
+            loader.position = window
+        self._window = window
         tmp = self._new(LAST)
         try:
             trainer.save_checkpoint(tmp)  # into the file just created, in a folder no one else writes to
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._pending = (tmp, trainer.current_epoch)
+        finally:
+            self._window = None
+            if loader is not None:
+                loader.position = None
+        self._pending = (tmp, {"epoch": finished - 1, "window": window, "key": self.key})
+        self._since, self._last = 0, time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._since += 1  # the epoch's last window: the epoch's end has its own checkpoint, after its validation
+        due = stopping.requested() is not None or (self.every_windows and self._since >= self.every_windows) \
+            or (self.every_seconds and time.monotonic() - self._last >= self.every_seconds)
+        if due:
+            self.save_window(trainer, batch_idx)
+
+    def save_window(self, trainer, batch_idx: int) -> None:
+        """Checkpoint the fit after window ``batch_idx`` of the current epoch and publish it (once per
+        window: the interruption callback calls it too, for a stop that came after this callback ran)."""
+        if self._saved_at == (trainer.current_epoch, batch_idx) or batch_idx + 1 >= trainer.num_training_batches \
+                or not hasattr(trainer.lightning_module, "window_state") or _resumable(trainer) is None:
+            return
+        self._saved_at = (trainer.current_epoch, batch_idx)
+        self._save(trainer, trainer.current_epoch, batch_idx + 1)
+        self._publish(trainer)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs:
+            return  # the last epoch: a retry would have nothing left to train
+        self._save(trainer, trainer.current_epoch + 1, None)
 
     def on_train_epoch_start(self, trainer, module) -> None:
+        self._publish(trainer)
+
+    def _publish(self, trainer) -> None:
         if self._pending is None:
             return
-        tmp, epoch = self._pending
         written = True
-        for logger in trainer.loggers:  # the finished epoch's metrics first, then the checkpoint
+        for logger in trainer.loggers:  # the finished epochs' metrics first, then the checkpoint
             written = (getattr(logger, "flush", logger.save)() is not False) and written
         if not written:  # the tracking store is away: published once its metrics are written
             return
+        tmp, index = self._pending
         self._pending = None
         os.replace(tmp, self.directory / LAST)
-        index = self._new(INDEX, json.dumps({"epoch": epoch, "key": self.key}).encode())
-        os.replace(index, self.directory / INDEX)
+        os.replace(self._new(INDEX, json.dumps(index).encode()), self.directory / INDEX)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if self._window is not None:
+            checkpoint[WINDOW] = module.window_state()
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if checkpoint.get(WINDOW) is not None:
+            module.restore_window(checkpoint[WINDOW])
 
     def state_dict(self) -> dict:
         return {"rng": _rng_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         _set_rng_state(state_dict["rng"])
+
+
+def _resumable(trainer) -> ResumableLoader | None:
+    """The fit's training loader, where it can be resumed between two windows."""
+    loader = trainer.fit_loop._combined_loader
+    flat = loader.flattened if loader is not None else []
+    return flat[0] if len(flat) == 1 and isinstance(flat[0], ResumableLoader) else None
 
 
 def own_folder(directory: Path) -> Path:

@@ -23,6 +23,7 @@ from orchestrator.training.build import Built, build, device_of
 from orchestrator.training.callbacks import StreamsOnDevice, TrainingBar
 from orchestrator.training.checkpoints import LastCheckpoint
 from orchestrator.training.quiet import quiet_lightning
+from orchestrator.training.resumable import resumable
 
 
 @dataclass
@@ -55,6 +56,7 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
     """Build (unless given) and fit, from the checkpoint ``resume`` if given; returns the final
     ``callback_metrics`` (and test metrics if ``test``)."""
     built = built or build(spec)
+    resumable(built.datamodule)  # its training loader's position and random states go in a checkpoint
     with tempfile.TemporaryDirectory(prefix="orch-") as root:
         trainer = make_trainer(spec, callbacks=callbacks, logger=logger, root_dir=root, **trainer_overrides)
         trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(resume) if resume else None,
@@ -68,13 +70,15 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
 
 def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
                 checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None, ckpt_key: str = "",
-                resume: Path | None = None, may_write=lambda: True, **trainer_overrides) -> RunResult:
+                ckpt_every: tuple[int | None, float | None] = (None, None), resume: Path | None = None,
+                may_write=lambda: True, **trainer_overrides) -> RunResult:
     """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
 
     ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
     artifact ``checkpoints/best.ckpt``. ``ckpt_dir``: a folder of the checkpoint store
-    (:mod:`orchestrator.training.checkpoints`) that receives ``last.ckpt`` every epoch (marked with
-    ``ckpt_key``) and the best checkpoint; ``resume``: a ``last.ckpt`` to continue from. Exceptions
+    (:mod:`orchestrator.training.checkpoints`) that receives ``last.ckpt`` every epoch, every
+    ``ckpt_every`` = (windows, seconds) inside an epoch and when a stop is requested (marked with
+    ``ckpt_key``); ``resume``: a ``last.ckpt`` to continue from. Exceptions
     propagate (after the finished epochs are flushed); the caller closes the run
     (:func:`~orchestrator.tracking.runs.end_run`).
 
@@ -91,7 +95,8 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
         directory = Path(ckpt_dir or tmp)
         if ckpt_dir:
             directory.mkdir(parents=True, exist_ok=True)
-            callbacks.append(LastCheckpoint(directory, ckpt_key))
+            # first: a stop request is checkpointed before the interruption callback ends the fit
+            callbacks.insert(0, LastCheckpoint(directory, ckpt_key, *ckpt_every))
         if checkpoint:
             # the best weights go to this process's private folder, never into the shared store
             # (where a link planted at best.ckpt could redirect the write): logged to MLflow at the end

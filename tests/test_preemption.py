@@ -1,0 +1,166 @@
+"""Preemption in the middle of an epoch: a trial stopped by SIGTERM (or killed) between two
+training windows continues at the next window and trains exactly as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import yaml
+from test_faults import history, running_worker, wait_for
+
+from orchestrator.execution import stopping
+from orchestrator.spec.run import load_spec
+from orchestrator.training.callbacks import interruption
+from orchestrator.training.checkpoints import LAST, LastCheckpoint
+from orchestrator.training.fit import fit
+
+from helpers import check_agreement, echo_study, load, orch, shared_ptb_dir, start, write
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+class Recorder(pl.Callback):
+    """Every training window's loss, and every validation's metrics."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.val: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_validation_end(self, trainer, module):
+        self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")})
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process a real SIGTERM in the middle of training window ``n`` (counted over the fit)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_before_backward(self, trainer, module, loss):
+        self.seen += 1
+        if self.seen == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def stop_handler():
+    """SIGTERM raises the worker's stop flag, as in a study worker."""
+    before = signal.signal(signal.SIGTERM, stopping.request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        stopping._stop = None
+
+
+def small_run(name: str, tmp: Path):
+    """The study file's run at small settings: 2 epochs, a few hundred windows."""
+    data = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
+    data.pop("study")
+    data["trainer"].update(max_epochs=2, accelerator="cpu")
+    if name == "ptb_small":  # dropout on, so that the random generators matter
+        data["trainer"].update(limit_train_batches=150, limit_val_batches=20)
+        data["cell"]["dropout"] = data["module"]["dropout"] = 0.3
+        folder = shared_ptb_dir()
+        if folder is None:
+            pytest.skip("the Penn Treebank files are not here (set ORCH_DATA_DIR to a folder with ptb/)")
+        data["dataset"]["data_dir"] = str(folder)
+    if name == "echo":
+        data["dataset"].update(length=6000, val_length=1500)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_spec(path)[0]
+
+
+@pytest.mark.parametrize("name, stop_at", [("sum_game", 37), ("sum_game", 170), ("echo", 30),
+                                           pytest.param("ptb_small", 200, marks=pytest.mark.slow)])  # 34 s
+def test_sigterm_mid_epoch_then_resume_trains_exactly_like_the_uninterrupted_run(name, stop_at, stop_handler):
+    tmp = Path(tempfile.mkdtemp(prefix="orch-exact-"))
+    spec = small_run(name, tmp)
+    ref = Recorder()
+    fit(spec, callbacks=[ref], enable_progress_bar=False)
+    per_epoch = len(ref.losses) // 2
+    assert 0 < stop_at % per_epoch < per_epoch - 1, (stop_at, per_epoch)  # inside an epoch
+
+    first, store = Recorder(), tmp / "store"
+    with pytest.raises(stopping.TrialInterrupted):
+        fit(spec, callbacks=[LastCheckpoint(store, "k", every_windows=10**6), first, SigtermAt(stop_at),
+                             interruption()], enable_progress_bar=False)
+    index = json.loads((store / "last.json").read_text())  # written at the signal, at the next window
+    assert index == {"epoch": stop_at // per_epoch - 1, "window": stop_at % per_epoch, "key": "k"}
+    assert len(first.losses) == stop_at
+    stopping._stop = None
+
+    second = Recorder()
+    fit(spec, callbacks=[LastCheckpoint(store, "k"), second], resume=store / LAST, enable_progress_bar=False)
+    assert len(first.losses) + len(second.losses) == len(ref.losses)
+    assert first.losses + second.losses == pytest.approx(ref.losses, abs=1e-6)
+    got = first.val + second.val
+    assert len(got) == 2 and all(g == pytest.approx(r, abs=1e-6) for g, r in zip(got, ref.val))
+
+
+def _preempt_study(tmp_path):
+    data = echo_study(trials=1, checkpoint_every={"windows": 25, "seconds": None}, sampler={"type": "grid"},
+                      space={"module.lr": {"type": "categorical", "choices": [0.01]}})
+    data["dataset"].update(length=30_000, val_length=3000)
+    data["trainer"]["max_epochs"] = 2
+    return write(tmp_path / "tiny.yaml", data)
+
+
+def _published(tmp_path):
+    try:
+        return json.loads((tmp_path / "mlruns" / "checkpoints" / "tiny" / "trial-0" / "last.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_worker_preempted_mid_epoch_is_resumed_at_its_window_with_the_uninterrupted_metrics(tmp_path, signum):
+    path = _preempt_study(tmp_path)
+    ref = orch("study", "run", path, "--set", "study.name=ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    _, client, _, [ref_run] = load(tmp_path, "ref")
+
+    proc = start("study", "run", path, cwd=tmp_path)
+    published = wait_for(lambda: (_published(tmp_path) or {}).get("window") and _published(tmp_path),
+                         "a window checkpoint", proc=proc)
+    if signum == signal.SIGKILL:  # the whole "machine": coordinator and worker, no chance to write
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        published = _published(tmp_path)
+        resumed = orch("study", "run", path, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+    else:
+        os.kill(running_worker(tmp_path), signal.SIGTERM)  # what a scheduler sends to the trial's process
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    study, client, parents, children = load(tmp_path)
+    by_trial = check_agreement(study, parents, children)
+    stopped, retry = study.trials
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["orch.retry_of"] == 0
+    tags = by_trial[1].data.tags
+    window = int(tags["orch.resumed_at_window"])
+    if signum == signal.SIGKILL:  # the last interval checkpoint: at most one interval (25 windows) redone
+        assert (int(tags["orch.resumed_at_epoch"]), window) == (published["epoch"] + 1, published["window"])
+        assert window % 25 == 0
+    else:  # the checkpoint written at the signal, after the last interval's
+        assert int(tags["orch.resumed_at_epoch"]) >= published["epoch"] + 1
+        assert (int(tags["orch.resumed_at_epoch"]), window) > (published["epoch"] + 1, published["window"])
+        assert "SIGTERM" in stopped.user_attrs["orch.error"]
+    # every epoch logged once, with the numbers of the run that was never stopped
+    for key in ("val_acc", "val_loss", "train_loss"):
+        got, want = history(client, by_trial[1], key), history(client, ref_run, key)
+        assert [s for s, _ in got] == [s for s, _ in want] == [0, 1]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
+    assert retry.value == pytest.approx(ref_run.data.metrics["val_acc"], abs=1e-6)
+    assert not (tmp_path / "mlruns" / "checkpoints" / "tiny" / "trial-0").exists()  # done: nothing to resume
