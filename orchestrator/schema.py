@@ -110,6 +110,10 @@ CONFIG = "config.yaml"  # a run's resolved settings
 TRACEBACK = "traceback.txt"  # a failed run's traceback
 STUDY_FILE = "study.yaml"  # the parent run's study file
 CHECKPOINTS = "checkpoints"  # folder of a trial's best.ckpt
+#: study.checkpoint_dir naming the study's MLflow run as the checkpoint store, and the folder of its
+#: artifacts that holds each line's last checkpoint (``orch-checkpoints/trial-N/``)
+MLFLOW_CHECKPOINTS = "mlflow"
+CHECKPOINT_ARTIFACTS = "orch-checkpoints"
 PLOTS = "plots"  # folder of the parent run's figures (NAME.png)
 REPORT = "report.html"  # the parent run's study report
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from orchestrator.training.callbacks import interruption
 from orchestrator.training.checkpoints import LAST, LastCheckpoint
 from orchestrator.training.fit import fit
 
-from helpers import check_agreement, echo_study, load, orch, shared_ptb_dir, start, write
+from helpers import check_agreement, echo_study, load, orch, runs_of, shared_ptb_dir, start, write
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -164,3 +165,73 @@ def test_a_worker_preempted_mid_epoch_is_resumed_at_its_window_with_the_uninterr
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
     assert retry.value == pytest.approx(ref_run.data.metrics["val_acc"], abs=1e-6)
     assert not (tmp_path / "mlruns" / "checkpoints" / "tiny" / "trial-0").exists()  # done: nothing to resume
+
+
+def _server_checkpoint(client, name: str) -> dict | None:
+    """The index of trial 0's line in the study's MLflow run (``None``: none yet)."""
+    try:
+        [parent], _ = runs_of(client, name)
+        with tempfile.TemporaryDirectory() as down:
+            return json.loads(Path(client.download_artifacts(
+                parent.info.run_id, "orch-checkpoints/trial-0/last.json", down)).read_text())
+    except Exception:  # noqa: BLE001 - no experiment, run or artifact yet
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_trial_preempted_on_one_machine_resumes_on_another_from_the_tracking_server(
+        tmp_path, databases, mlflow_server, signum):
+    import mlflow
+    import optuna
+
+    storage = databases.make()
+    machine_a, machine_b, ref_dir = tmp_path / "a", tmp_path / "b", tmp_path / "ref"
+    for folder in (machine_a, machine_b, ref_dir):
+        folder.mkdir()
+    data = yaml.safe_load(Path(_preempt_study(tmp_path)).read_text())
+    data["name"] = name = f"far-{signum}"  # the tracking server is the module's: a study of its own
+    data["study"].update(checkpoint_dir="mlflow", heartbeat={"interval": 1, "grace_period": 3})
+    path = write(machine_a / "study.yaml", data)
+    ref = orch("study", "run", path, cwd=ref_dir)  # the reference, never stopped (its own journal and MLflow)
+    assert ref.returncode == 0, ref.stderr
+    _, ref_client, _, [ref_run] = load(ref_dir, name)
+
+    created = orch("study", "create", path, "--storage", storage, "--tracking-uri", mlflow_server, cwd=machine_a)
+    assert created.returncode == 0, created.stderr
+    client = mlflow.MlflowClient(mlflow_server)
+    node_a = start("study", "worker", path, "--storage", storage, "--tracking-uri", mlflow_server, cwd=machine_a,
+                   log=tmp_path / "a.log")
+    published = wait_for(lambda: (_server_checkpoint(client, name) or {}).get("window") and
+                         _server_checkpoint(client, name), "a window checkpoint on the tracking server", proc=node_a)
+    os.killpg(node_a.pid, signum)  # the whole machine: preempted (SIGTERM) or gone (SIGKILL)
+    node_a.wait(timeout=120)
+    log_a = (tmp_path / "a.log").read_text()
+    if signum == signal.SIGKILL:
+        published = _server_checkpoint(client, name)  # nothing more could be written
+        time.sleep(4)  # past the heartbeat's grace period: the trial is lost
+    else:
+        assert node_a.returncode == 128 + signal.SIGTERM, log_a
+    # machine b: no file of machine a, nothing but the study's name
+    node_b = orch("study", "worker", name, "--storage", storage, "--tracking-uri", mlflow_server, cwd=machine_b)
+    assert node_b.returncode == 0, node_b.stderr + log_a
+
+    study = optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
+    parents, children = runs_of(client, name)
+    by_trial = check_agreement(study, parents, children)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]  # the budget (1) exact
+    retry = study.trials[1]
+    assert retry.user_attrs["orch.retry_of"] == 0
+    tags = by_trial[1].data.tags
+    point = (int(tags["orch.resumed_at_epoch"]), int(tags["orch.resumed_at_window"]))
+    if signum == signal.SIGKILL:  # the last interval checkpoint: at most one interval (25 windows) redone
+        assert point == (published["epoch"] + 1, published["window"]) and point[1] % 25 == 0
+    else:  # the one written at the signal, after the last interval's
+        assert point > (published["epoch"] + 1, published["window"])
+    for key in ("val_acc", "val_loss", "train_loss"):  # every epoch once, as in the run never stopped
+        got, want = history(client, by_trial[1], key), history(ref_client, ref_run, key)
+        assert [s for s, _ in got] == [s for s, _ in want] == [0, 1]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
+    # the line's checkpoints are gone from the server, and machine b kept no checkpoint file
+    assert client.list_artifacts(parents[0].info.run_id, "orch-checkpoints/trial-0") == []
+    assert list(machine_b.rglob("*.ckpt")) == []

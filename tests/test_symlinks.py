@@ -172,7 +172,7 @@ def test_checkpoint_temporaries_and_files_are_never_written_through_planted_link
     still_planted(*temporaries)  # planted again during the fit: written beside, never through
     # the final names were replaced by the checkpoint files, not written through
     assert not any(at.is_symlink() for at in finals)
-    assert json.loads((folder / "last.json").read_text()) == {"epoch": 1, "key": "key"}
+    assert json.loads((folder / "last.json").read_text()) == {"epoch": 1, "window": None, "key": "key"}
     assert checkpoints.resume_epoch(folder, "key") == 2
     assert "state_dict" in torch.load(folder / "last.ckpt", weights_only=True)
     assert sorted(p.name for p in folder.iterdir() if not p.is_symlink()) == ["last.ckpt", "last.json"]

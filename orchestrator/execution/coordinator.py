@@ -79,8 +79,10 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     timeout = timeout if timeout is not None else section.timeout
     storage_url = storage_url or section.storage or default_storage_url(study.name)
     claims.claim_lock(storage_url, study.name)  # a storage with no lock for the shared budget is refused here
-    checkpoint_dir = Path(section.checkpoint_dir or Path("mlruns") / "checkpoints").resolve()
-    probes.probe(checkpoint_dir, "the checkpoint store (study.checkpoint_dir)")  # before anything is written
+    checkpoint_dir = section.checkpoint_dir or str(Path("mlruns") / "checkpoints")
+    if checkpoint_dir != schema.MLFLOW_CHECKPOINTS:  # a folder, else the study's MLflow run (its artifacts)
+        checkpoint_dir = str(Path(checkpoint_dir).resolve())
+        probes.probe(Path(checkpoint_dir), "the checkpoint store (study.checkpoint_dir)")  # before anything is written
     budget = study_budget(study, trials) if create else None
     if create and budget is None and timeout is None:
         raise SpecError(f"{study.src.path}: no budget: set study.trials or study.timeout, or pass --trials/--timeout")
@@ -110,7 +112,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
             slots = slots[:max(budget - already, 0)]
         job = workers.Job(study=study, storage_url=storage_url, tracking_uri=joined.tracking_uri,
                           parent_run_id=joined.parent_run_id, deadline=time.time() + timeout if timeout else None,
-                          checkpoint_dir=str(checkpoint_dir), parent_pid=os.getpid(), faults=faults)
+                          checkpoint_dir=checkpoint_dir, parent_pid=os.getpid(), faults=faults)
         echo(f"study {study.name}: {already} trials so far, budget {budget or 'none'}"
              f"{f', timeout {timeout:g}s' if timeout else ''}; {len(slots)} worker(s) on "
              f"{', '.join(s.device for s in slots) or 'nothing (budget met)'}; storage {redact_url(storage_url)}; "

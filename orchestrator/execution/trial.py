@@ -15,7 +15,6 @@ window interrupts the trial and stops the study.
 from __future__ import annotations
 
 import math
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,14 @@ class _Run:
     """What the phases of one trial share."""
 
     run_id: str
-    folder: Path  # its line's folder in the checkpoint store
+    line: Any  # its line in the checkpoint store (orchestrator.training.stores)
     lineage: int
     retry_of: int | None
     params: dict[str, Any] | None = None
     spec: Any = None
     key: str = ""
     resume_at: int | None = None
+    resume_from: Path | None = None  # the checkpoint it resumes from, on this machine
     pruning: Any = None  # its pruning callback, which may hold reports not written yet
 
 
@@ -52,8 +52,6 @@ def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
     """Run one claimed trial to its end in Optuna and MLflow; returns the state it ended in
     (``offset``: its worker's sampler seed offset, tagged on its run)."""
     import optuna
-
-    from orchestrator.training import checkpoints
 
     held = lease.current()
     run = _open_run(job, trial, mlf, slot, offset)
@@ -64,8 +62,7 @@ def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
             held.finishing()
         mlf.log_metric(run.run_id, schema.OBJECTIVE, value)
     except lease.TrialLost:  # its retry runs elsewhere: nothing more is written, its checkpoints are the retry's
-        for tmp in run.folder.glob(f"*.{os.getpid()}.tmp"):
-            tmp.unlink(missing_ok=True)
+        run.line.discard_own()
         return "lost"
     except optuna.TrialPruned as exc:
         if held is not None:
@@ -78,13 +75,13 @@ def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
     else:
         state = conclude(ostudy, trial, mlf, run.run_id, "complete", value=value)
     if state in ("complete", "pruned", "failed"):  # interrupted and lost ones resume from it
-        checkpoints.remove(run.folder)  # the best checkpoint is in MLflow; nothing is left to resume
+        run.line.remove()  # the best checkpoint is in MLflow; nothing is left to resume
     return state
 
 
 def _open_run(job, trial, mlf, slot, offset: int) -> _Run:
     """The trial's MLflow run, under the study's parent run, tagged with its worker and line."""
-    from orchestrator.training import checkpoints
+    from orchestrator.training import stores
 
     tags = {schema.STUDY: job.study.name, schema.TRIAL: str(trial.number), schema.ROLE: "trial",
             schema.RUN_WORKER: owners.worker_id(), schema.SLOT: slot.device, schema.SAMPLER_OFFSET: str(offset)}
@@ -96,7 +93,8 @@ def _open_run(job, trial, mlf, slot, offset: int) -> _Run:
                        tags=tags)
     trial.set_user_attr(schema.RUN_ID, run_id)
     trial.set_user_attr(schema.DEVICE, slot.device)
-    return _Run(run_id, checkpoints.folder(job.checkpoint_dir, job.study.name, lineage), lineage, retry_of)
+    line = stores.line_for(job.checkpoint_dir, job.study.name, lineage, mlf, job.parent_run_id, job.tracking_uri)
+    return _Run(run_id, line, lineage, retry_of)
 
 
 def _prepare(job, ostudy, trial, mlf, run: _Run) -> None:
@@ -108,11 +106,11 @@ def _prepare(job, ostudy, trial, mlf, run: _Run) -> None:
     run.spec = job.study.spec_for(run.params)
     run.key = checkpoints.fingerprint(optuna_api.study_id(ostudy), run.lineage, run.params)
     if run.retry_of is None:
-        checkpoints.remove(run.folder)  # a new line: nothing of another study's trial of this number
+        run.line.remove()  # a new line: nothing of another study's trial of this number
         return
-    point = checkpoints.resume_point(run.folder, run.key)
+    point = run.line.fetch(run.key)
     if point is not None:
-        run.resume_at, window = point
+        run.resume_from, run.resume_at, window = point
         mlf.set_tag(run.run_id, schema.RESUMED_AT_EPOCH, str(run.resume_at))
         if window is not None:
             mlf.set_tag(run.run_id, schema.RESUMED_AT_WINDOW, str(window))
@@ -123,7 +121,7 @@ def _prepare(job, ostudy, trial, mlf, run: _Run) -> None:
 def _fit(job, trial, mlf, slot, run: _Run) -> float:
     """Fit the trial on its slot's device; returns the value of the study's metric."""
     from orchestrator.contracts.module import NonFiniteLossError
-    from orchestrator.training import callbacks, checkpoints
+    from orchestrator.training import callbacks
     from orchestrator.training.fit import tracked_fit
 
     section = job.study.section
@@ -134,9 +132,9 @@ def _fit(job, trial, mlf, slot, run: _Run) -> float:
     result = tracked_fit(run.spec, mlf, run.run_id,
                          callbacks=[run.pruning, callbacks.interruption()],
                          checkpoint=(section.metric, mode) if section.checkpoint else None,
-                         ckpt_dir=run.folder, ckpt_key=run.key,
+                         ckpt_line=run.line, ckpt_key=run.key,
                          ckpt_every=(section.checkpoint_every.windows, section.checkpoint_every.seconds),
-                         resume=run.folder / checkpoints.LAST if run.resume_at is not None else None,
+                         resume=run.resume_from,
                          may_write=held.may_write if held is not None else (lambda: True),
                          enable_progress_bar=False, **overrides)
     run.pruning.flush()  # the reports kept while the storage was away (waits for it)

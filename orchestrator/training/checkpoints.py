@@ -131,9 +131,9 @@ class LastCheckpoint(pl.Callback):
     epoch starts for an epoch's). Carries the RNG states in its own state, and the module's
     :meth:`~orchestrator.contracts.module.SequenceModule.window_state` in a window's checkpoint."""
 
-    def __init__(self, directory: Path, key: str, every_windows: int | None = None,
-                 every_seconds: float | None = None):
-        self.directory = own_folder(directory)
+    def __init__(self, line, key: str, every_windows: int | None = None, every_seconds: float | None = None):
+        self.line = line if hasattr(line, "publish") else FolderLine(Path(line))  # a store's line, or a folder
+        self.directory = self.line.tmp_dir()
         self.key = key
         self.every_windows = every_windows
         self.every_seconds = every_seconds
@@ -203,8 +203,7 @@ class LastCheckpoint(pl.Callback):
             return
         tmp, index = self._pending
         self._pending = None
-        os.replace(tmp, self.directory / LAST)
-        os.replace(self._new(INDEX, json.dumps(index).encode()), self.directory / INDEX)
+        self.line.publish(tmp, index)
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         if self._window is not None:
@@ -226,6 +225,40 @@ def _resumable(trainer) -> ResumableLoader | None:
     loader = trainer.fit_loop._combined_loader
     flat = loader.flattened if loader is not None else []
     return flat[0] if len(flat) == 1 and isinstance(flat[0], ResumableLoader) else None
+
+
+class FolderLine:
+    """A line's checkpoints in a folder of the store (local, or a shared filesystem): written in
+    place under temporary names and published by renaming."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def tmp_dir(self) -> Path:
+        """Where the checkpoint callback writes its temporary files (the line's own folder)."""
+        return own_folder(self.folder)
+
+    def publish(self, tmp: Path, index: dict) -> None:
+        os.replace(tmp, self.folder / LAST)
+        fresh = safe_files.write_new(self.folder, f"{INDEX}.", json.dumps(index).encode(),
+                                     suffix=f".{os.getpid()}.tmp")
+        os.replace(fresh, self.folder / INDEX)
+
+    def fetch(self, key: str) -> tuple[Path, int, int | None] | None:
+        """The checkpoint to resume from, its epoch and window (``None``: nothing for ``key``)."""
+        point = resume_point(self.folder, key)
+        return None if point is None else (self.folder / LAST, *point)
+
+    def wait(self) -> None:
+        pass  # nothing is uploaded
+
+    def discard_own(self) -> None:
+        """Remove this process's temporary files (its trial was taken over)."""
+        for tmp in self.folder.glob(f"*.{os.getpid()}.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        remove(self.folder)
 
 
 def own_folder(directory: Path) -> Path:

@@ -69,14 +69,14 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
 
 
 def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = False,
-                checkpoint: tuple[str, str] | None = None, ckpt_dir: Path | None = None, ckpt_key: str = "",
+                checkpoint: tuple[str, str] | None = None, ckpt_line=None, ckpt_key: str = "",
                 ckpt_every: tuple[int | None, float | None] = (None, None), resume: Path | None = None,
                 may_write=lambda: True, **trainer_overrides) -> RunResult:
     """Fit ``spec`` inside the MLflow run ``run_id``: params, tags, config, per-epoch metrics.
 
     ``checkpoint=(metric, "min"|"max")`` keeps the best epoch's checkpoint and logs it as the
-    artifact ``checkpoints/best.ckpt``. ``ckpt_dir``: a folder of the checkpoint store
-    (:mod:`orchestrator.training.checkpoints`) that receives ``last.ckpt`` every epoch, every
+    artifact ``checkpoints/best.ckpt``. ``ckpt_line``: a line of the checkpoint store
+    (:mod:`orchestrator.training.stores`) that receives ``last.ckpt`` every epoch, every
     ``ckpt_every`` = (windows, seconds) inside an epoch and when a stop is requested (marked with
     ``ckpt_key``); ``resume``: a ``last.ckpt`` to continue from. Exceptions
     propagate (after the finished epochs are flushed); the caller closes the run
@@ -92,11 +92,9 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     logger = EpochLogger(mlf, run_id, may_write=may_write)
     callbacks = list(callbacks)
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
-        directory = Path(ckpt_dir or tmp)
-        if ckpt_dir:
-            directory.mkdir(parents=True, exist_ok=True)
+        if ckpt_line is not None:
             # first: a stop request is checkpointed before the interruption callback ends the fit
-            callbacks.insert(0, LastCheckpoint(directory, ckpt_key, *ckpt_every))
+            callbacks.insert(0, LastCheckpoint(ckpt_line, ckpt_key, *ckpt_every))
         if checkpoint:
             # the best weights go to this process's private folder, never into the shared store
             # (where a link planted at best.ckpt could redirect the write): logged to MLflow at the end
@@ -110,6 +108,13 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
                               **trainer_overrides)
         finally:
             logger.flush()  # keep the epochs that did finish (waits for a tracking store that is away)
+            if ckpt_line is not None:  # the checkpoints being uploaded (a stop signal's too)
+                failing = sys.exc_info()[0] is not None
+                try:
+                    ckpt_line.wait()
+                except Exception:  # an upload failed: the retry resumes from the one before
+                    if not failing:
+                        raise
         if checkpoint and best.best_model_path:
             mlf.log_artifact(run_id, best.best_model_path, schema.CHECKPOINTS)
     return RunResult(run_id, metrics, built.plugins)
