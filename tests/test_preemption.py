@@ -235,3 +235,60 @@ def test_a_trial_preempted_on_one_machine_resumes_on_another_from_the_tracking_s
     # the line's checkpoints are gone from the server, and machine b kept no checkpoint file
     assert client.list_artifacts(parents[0].info.run_id, "orch-checkpoints/trial-0") == []
     assert list(machine_b.rglob("*.ckpt")) == []
+
+
+def test_the_lines_that_ended_are_collected_and_those_a_retry_resumes_from_are_kept(tmp_path):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from orchestrator.execution.checkpoint_lines import Store, live_lineages
+
+    ostudy = optuna.create_study(study_name="tiny", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "tiny.journal"))))
+    made = [  # (state, user attributes): which line each trial is, and how it ended
+        (TrialState.COMPLETE, {}),                                            # 0: complete
+        (TrialState.FAIL, {"orch.interrupted": True}),                        # 1: interrupted, not retried yet
+        (TrialState.FAIL, {"orch.lost": True}),                               # 2: lost, retried by 5
+        (TrialState.FAIL, {"orch.error": "lost 3 times, counts as failed"}),  # 3: lost for the last time
+        (TrialState.PRUNED, {}),                                              # 4: pruned
+        (TrialState.RUNNING, {"orch.retry_of": 2, "orch.lineage": 2}),        # 5: line 2's retry, running
+        (TrialState.COMPLETE, {"orch.retry_of": 6, "orch.lineage": 6}),       # 6: a line that ended
+    ]
+    for state, attrs in made:
+        ostudy.add_trial(create_trial(state=state, user_attrs=attrs, params={"x": 1.0},
+                                      distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+                                      **({"value": 1.0} if state == TrialState.COMPLETE else {})))
+    root = tmp_path / "store"
+    for lineage in range(7):
+        (root / "tiny" / f"trial-{lineage}").mkdir(parents=True)
+        (root / "tiny" / f"trial-{lineage}" / "last.ckpt").write_bytes(b"x" * (100 + lineage))
+    (root / "tiny" / "notes").mkdir()  # not a line: never touched
+    store = Store(str(root), "tiny")
+    trials = ostudy.get_trials(deepcopy=False)
+    assert live_lineages(trials) == {1, 2}
+    assert store.lines() == {k: 100 + k for k in range(7)}
+    assert store.collect(trials) == {k: 100 + k for k in (0, 3, 4, 5, 6)}
+    assert sorted(p.name for p in (root / "tiny").iterdir()) == ["notes", "trial-1", "trial-2"]
+
+
+@pytest.mark.slow
+def test_show_reports_the_store_and_clean_removes_what_no_retry_needs(tmp_path):
+    path = _preempt_study(tmp_path)
+    proc = start("study", "run", path, cwd=tmp_path)
+    wait_for(lambda: (_published(tmp_path) or {}).get("window"), "a window checkpoint", proc=proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole study stops: its trial's line stays for the retry
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    line = tmp_path / "mlruns" / "checkpoints" / "tiny" / "trial-0"
+    size = sum(p.stat().st_size for p in line.iterdir())
+    shown = orch("study", "show", "tiny", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "checkpoints: 1 line(s)" in shown.stdout and "(1 to resume from" in shown.stdout
+    assert f"{size / 1e3:.1f} KB" in shown.stdout or f"{size / 1e6:.1f} MB" in shown.stdout
+    kept = orch("study", "clean", "tiny", cwd=tmp_path)
+    assert kept.returncode == 0 and json.loads(kept.stdout)["kept"] == [0] and line.is_dir()
+    removed = orch("study", "clean", "tiny", "--all", cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout) | {"store": None} == {"study": "tiny", "store": None, "removed": [0],
+                                                             "bytes": size, "kept": []}
+    assert not line.exists()

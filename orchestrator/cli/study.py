@@ -9,6 +9,8 @@ from orchestrator.cli.lazy import LazyGroup
 #: each study command: ``module:function`` and its help's first sentence (``orch study --help``)
 COMMANDS = {
     "best": ("orchestrator.cli.reading:best", "The best trial's number, value and params, as JSON."),
+    "clean": ("orchestrator.cli.reading:clean", "Remove the study's checkpoints that no trial will resume from "
+              "(--all: every one); prints what was removed, as JSON."),
     "copy": ("orchestrator.cli.stores:copy", "Copy study NAME, with every trial and orch's record of it, to another "
              "storage."),
     "create": ("orchestrator.cli.running:create", "Create the study in FILE (its MLflow experiment and parent run "
@@ -29,4 +31,4 @@ COMMANDS = {
 
 @click.group(cls=LazyGroup, table=COMMANDS)
 def study() -> None:
-    """Optuna studies over run files: run, create, worker, show, best, report, copy, repair."""
+    """Optuna studies over run files: run, create, worker, show, best, report, clean, copy, repair."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from orchestrator import outages, schema
 from orchestrator.errors import ResourceFault, SpecError, Stopped, resource_fault
 from orchestrator.execution import claims, stopping, workers
+from orchestrator.execution.checkpoint_lines import Store
 from orchestrator.execution.opening import Joined, open_study
 from orchestrator.execution.outcomes import close_runs, counts_of, reconcile, retryable
 from orchestrator.execution.slots import slots_for
@@ -119,7 +120,7 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
              f"MLflow {redact_url(joined.tracking_uri)}")
         ran = _Supervisor(job, slots, joined, budget, echo, live, early).run()
         early.cancel()  # the workers started early that no slot took
-        return _finish(study, joined, ran)
+        return _finish(study, joined, ran, checkpoint_dir)
     finally:
         early.cancel()  # (a study that could not be opened, or a stop signal)
         shutil.rmtree(faults, ignore_errors=True)
@@ -285,13 +286,15 @@ def _best_value(ostudy) -> float | None:
         return None
 
 
-def _finish(study: Study, joined: Joined, ran: set[str] = frozenset()) -> Outcome:
+def _finish(study: Study, joined: Joined, ran: set[str] = frozenset(), checkpoint_dir: str | None = None) -> Outcome:
     """Counts and best trial on the parent run; once no trial is running or waiting (in any process
     of the study), the figures and the report too, and the parent run ends FINISHED."""
     ostudy, mlf, parent_id = joined.ostudy, joined.mlf, joined.parent_run_id
     with contextlib.suppress(Exception):  # runs a store outage left RUNNING; the next run tries again
         reconcile(ostudy, mlf, study.name)
     trials = ostudy.get_trials(deepcopy=False)
+    with contextlib.suppress(Exception):  # lines that ended (lost for the last time too): nothing resumes from them
+        Store(checkpoint_dir, study.name, mlf, parent_id, joined.tracking_uri).collect(trials)
     counts = counts_of(trials)
     log_progress(mlf, parent_id, ostudy, counts, study.section.metric, step=len(trials))
     if not (counts["running"] or counts["waiting"]):
