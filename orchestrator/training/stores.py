@@ -49,6 +49,7 @@ class MlflowLine:
     """A line's checkpoints in the artifacts of the study's MLflow run ``run_id``."""
 
     def __init__(self, mlf, run_id: str, lineage: int, tracking_uri: str | None = None):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a worker's log
         self.mlf, self.run_id, self.tracking_uri = mlf, run_id, tracking_uri
         self.path = f"{PREFIX}/trial-{int(lineage)}"
         self._tmp: Path | None = None
