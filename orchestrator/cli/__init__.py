@@ -22,7 +22,7 @@ COMMANDS = {
                "exit 1 if the main job cannot run."),
     "plugins": ("orchestrator.cli.plugins:plugins", "Installed cell, dataset and module plugins."),
     "study": ("orchestrator.cli.study:study", "Optuna studies over run files: run, create, worker, show, best, report, "
-              "copy, repair."),
+              "clean, copy, repair."),
     "train": ("orchestrator.cli.train:train", "Train FILE's fixed settings once (a study section is ignored) and log "
               "it to MLflow."),
     "ui": ("orchestrator.cli.ui:ui", "Open the MLflow UI on the project's store (bound to 127.0.0.1 unless told "

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from orchestrator import names, safe_files, schema
 from orchestrator.execution.outcomes import retryable
+from orchestrator.secrets import MASK
+from orchestrator.tracking.client import client
 
 _LINE = re.compile(r"trial-(\d{1,9})")  # a folder name read back from a store: nothing else is touched
 
@@ -96,13 +98,9 @@ class Store:
 def of_study(ostudy, stored, tracking_uri: str | None = None) -> Store:
     """The checkpoint store of the Optuna study ``ostudy`` (``stored``: its study file, as stored
     with it; ``tracking_uri``: the MLflow store, else the one the study recorded)."""
-    from orchestrator.secrets import MASK
-
     checkpoint_dir = stored.section.checkpoint_dir if stored is not None else None
     mlf, uri = None, tracking_uri or ostudy.user_attrs.get(schema.TRACKING_URI)
     if checkpoint_dir == schema.MLFLOW_CHECKPOINTS and uri and MASK not in uri:
-        from orchestrator.tracking.client import client
-
         mlf = client(uri)
     return Store(checkpoint_dir, ostudy.study_name, mlf, ostudy.user_attrs.get(schema.PARENT_RUN), uri)
 

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from orchestrator import schema
@@ -75,8 +76,6 @@ class MlflowLine:
                 self._thread.start()
 
     def _upload_all(self) -> None:
-        import time
-
         while True:
             with self._lock:
                 job, self._waiting = self._waiting, None
