@@ -23,7 +23,8 @@ a link planted in the store is never written through; they are loaded with ``wei
 line's folder is a real folder of the user who runs the trial, which no one else may write into:
 a link planted at its name is removed, never followed, and another user's folder is refused. The store is
 ``study.checkpoint_dir`` (default ``mlruns/checkpoints``): on several machines, a shared
-filesystem lets a retry on another machine resume too (else it starts over).
+filesystem lets a retry on another machine resume too, and so does ``mlflow``, the study's MLflow
+run on its tracking server (:mod:`orchestrator.training.stores`).
 """
 
 from __future__ import annotations
