@@ -109,6 +109,44 @@ def test_sigterm_mid_epoch_then_resume_trains_exactly_like_the_uninterrupted_run
     assert len(got) == 2 and all(g == pytest.approx(r, abs=1e-6) for g, r in zip(got, ref.val))
 
 
+class FailAt(pl.Callback):
+    """Raises (no stop signal, so no window checkpoint) after training window ``n`` of the fit."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_train_batch_end(self, *args):
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("the machine went away")
+
+
+def test_a_resume_at_an_epoch_s_end_keeps_the_loader_s_shuffle_order(tmp_path):
+    spec = small_run("sum_game", tmp_path)
+    spec.trainer["max_epochs"] = 3
+    ref = Recorder()
+    fit(spec, callbacks=[ref], enable_progress_bar=False)
+    per_epoch = len(ref.losses) // 3
+    first, second, store = Recorder(), Recorder(), tmp_path / "store"
+    with pytest.raises(RuntimeError, match="went away"):
+        fit(spec, callbacks=[LastCheckpoint(store, "k"), first, FailAt(per_epoch + 20)], enable_progress_bar=False)
+    assert json.loads((store / "last.json").read_text()) == {"epoch": 0, "window": None, "key": "k"}
+    fit(spec, callbacks=[LastCheckpoint(store, "k"), second], resume=store / LAST, enable_progress_bar=False)
+    assert len(second.losses) == 2 * per_epoch  # epochs 1 and 2 again, shuffled as in the run never stopped
+    assert second.losses == pytest.approx(ref.losses[per_epoch:], abs=1e-6)
+    assert len(second.val) == 2 and all(g == pytest.approx(r, abs=1e-6) for g, r in zip(second.val, ref.val[1:]))
+
+
+@pytest.mark.parametrize("index", [{"epoch": None, "window": 3}, {"epoch": 1, "window": "3"}, {"epoch": -5},
+                                   {"epoch": 1, "window": 0}, {"epoch": 1.5}, {"epoch": 2**70}, {}])
+def test_an_index_read_back_from_the_store_that_makes_no_sense_resumes_nothing(tmp_path, index):
+    from orchestrator.training.checkpoints import resume_point
+
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "last.json").write_text(json.dumps({**index, "key": "k"}))
+    assert resume_point(tmp_path, "k") is None  # the trial starts over, it does not fail
+
+
 def _preempt_study(tmp_path):
     data = echo_study(trials=1, checkpoint_every={"windows": 25, "seconds": None}, sampler={"type": "grid"},
                       space={"module.lr": {"type": "categorical", "choices": [0.01]}})
@@ -241,6 +279,7 @@ def test_the_lines_that_ended_are_collected_and_those_a_retry_resumes_from_are_k
     import optuna
     from optuna.trial import TrialState, create_trial
 
+    from orchestrator.errors import StoreError
     from orchestrator.execution.checkpoint_lines import Store, live_lineages
 
     ostudy = optuna.create_study(study_name="tiny", storage=optuna.storages.JournalStorage(
@@ -267,7 +306,12 @@ def test_the_lines_that_ended_are_collected_and_those_a_retry_resumes_from_are_k
     trials = ostudy.get_trials(deepcopy=False)
     assert live_lineages(trials) == {1, 2}
     assert store.lines() == {k: 100 + k for k in range(7)}
-    assert store.collect(trials) == {k: 100 + k for k in (0, 3, 4, 5, 6)}
+    assert store.collect(lambda: trials) == {k: 100 + k for k in (0, 3, 4, 5, 6)}
+    assert sorted(p.name for p in (root / "tiny").iterdir()) == ["notes", "trial-1", "trial-2"]
+    # a study's folder that is a link to another study's: refused, never followed to its lines
+    (root / "other").symlink_to(root / "tiny")
+    with pytest.raises(StoreError, match="symbolic link"):
+        Store(str(root), "other").collect(lambda: [])
     assert sorted(p.name for p in (root / "tiny").iterdir()) == ["notes", "trial-1", "trial-2"]
 
 

@@ -66,10 +66,10 @@ def clean(target: str, storage: str | None, tracking_uri: str | None, every: boo
     """Remove the study's checkpoints that no trial will resume from (--all: every one); prints what
     was removed, as JSON."""
     ostudy, url = open_optuna(target, storage)
-    trials = ostudy.get_trials(deepcopy=False)
     store = checkpoint_lines.of_study(ostudy, record.stored_or_none(url, ostudy.study_name), tracking_uri)
     try:
         lines = store.lines()
+        trials = ostudy.get_trials(deepcopy=False)  # after the listing: a line made meanwhile has its trial here
         live = checkpoint_lines.live_lineages(trials)
         if every and any(t.state.name in ("RUNNING", "WAITING") for t in trials):
             raise UsageError(f"study {ostudy.study_name!r} has trials running or waiting: --all would remove the "

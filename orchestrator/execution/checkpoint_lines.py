@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from orchestrator import names, safe_files, schema
+from orchestrator.errors import StoreError
 from orchestrator.execution.outcomes import retryable
 from orchestrator.secrets import MASK
 from orchestrator.tracking.client import client
@@ -48,7 +49,12 @@ class Store:
         return self._mlflow_lines() if self.in_mlflow else self._folder_lines()
 
     def _base(self) -> Path:
-        return names.under(Path(self.dir).resolve(), self.study)
+        root = Path(self.dir).resolve()
+        base = names.under(root, self.study)
+        if base != root / self.study:  # a link at the study's folder: never followed to another study's lines
+            raise StoreError(f"{root / self.study} is a symbolic link: a study's checkpoint folder must be a real "
+                             "folder of the store; remove the link")
+        return base
 
     def _folder_lines(self) -> dict[int, int]:
         base, found = self._base(), {}
@@ -88,9 +94,12 @@ class Store:
 
         return get_artifact_repository(self.mlf.get_run(self.run_id).info.artifact_uri, self.tracking_uri)
 
-    def collect(self, trials) -> dict[int, int]:
-        """Remove the lines that ended; returns them with the bytes they held."""
-        ended = {k: v for k, v in self.lines().items() if k not in live_lineages(trials)}
+    def collect(self, get_trials) -> dict[int, int]:
+        """Remove the lines that ended; returns them with the bytes they held. ``get_trials()``: the
+        study's trials, read after the store is listed (a line made meanwhile is not taken for ended)."""
+        lines = self.lines()
+        trials = get_trials()
+        ended = {k: v for k, v in lines.items() if k not in live_lineages(trials)}
         self.remove(ended)
         return ended
 

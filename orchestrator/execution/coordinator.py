@@ -292,9 +292,10 @@ def _finish(study: Study, joined: Joined, ran: set[str] = frozenset(), checkpoin
     ostudy, mlf, parent_id = joined.ostudy, joined.mlf, joined.parent_run_id
     with contextlib.suppress(Exception):  # runs a store outage left RUNNING; the next run tries again
         reconcile(ostudy, mlf, study.name)
-    trials = ostudy.get_trials(deepcopy=False)
     with contextlib.suppress(Exception):  # lines that ended (lost for the last time too): nothing resumes from them
-        Store(checkpoint_dir, study.name, mlf, parent_id, joined.tracking_uri).collect(trials)
+        Store(checkpoint_dir, study.name, mlf, parent_id, joined.tracking_uri).collect(
+            lambda: ostudy.get_trials(deepcopy=False))
+    trials = ostudy.get_trials(deepcopy=False)
     counts = counts_of(trials)
     log_progress(mlf, parent_id, ostudy, counts, study.section.metric, step=len(trials))
     if not (counts["running"] or counts["waiting"]):

@@ -76,6 +76,7 @@ def run_trial(job, ostudy, trial, mlf, slot, offset: int = 0) -> str:
         state = conclude(ostudy, trial, mlf, run.run_id, "complete", value=value)
     if state in ("complete", "pruned", "failed"):  # interrupted and lost ones resume from it
         run.line.remove()  # the best checkpoint is in MLflow; nothing is left to resume
+    run.line.release()
     return state
 
 
@@ -93,7 +94,9 @@ def _open_run(job, trial, mlf, slot, offset: int) -> _Run:
                        tags=tags)
     trial.set_user_attr(schema.RUN_ID, run_id)
     trial.set_user_attr(schema.DEVICE, slot.device)
-    line = stores.line_for(job.checkpoint_dir, job.study.name, lineage, mlf, job.parent_run_id, job.tracking_uri)
+    held = lease.current()
+    line = stores.line_for(job.checkpoint_dir, job.study.name, lineage, mlf, job.parent_run_id, job.tracking_uri,
+                           may_write=held.may_write if held is not None else (lambda: True))
     return _Run(run_id, line, lineage, retry_of)
 
 

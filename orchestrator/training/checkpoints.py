@@ -93,8 +93,16 @@ def resume_point(directory: Path, key: str) -> tuple[int, int | None] | None:
         return None
     if not isinstance(index, dict) or index.get("key") != key:
         return None
-    window = index.get("window")
-    return int(index["epoch"]) + 1, (int(window) if window is not None else None)
+    return index_point(index)
+
+
+def index_point(index: dict) -> tuple[int, int | None] | None:
+    """(epoch, window) to resume at from a ``last.json`` read back from a store (``None``: not valid)."""
+    epoch, window = index.get("epoch"), index.get("window")
+    if type(epoch) is not int or not -1 <= epoch < 10**9 or \
+            (window is not None and (type(window) is not int or not 0 < window < 10**12)):
+        return None
+    return epoch + 1, window
 
 
 def _rng_state() -> dict:
@@ -132,8 +140,10 @@ class LastCheckpoint(pl.Callback):
     epoch starts for an epoch's). Carries the RNG states in its own state, and the module's
     :meth:`~orchestrator.contracts.module.SequenceModule.window_state` in a window's checkpoint."""
 
-    def __init__(self, line, key: str, every_windows: int | None = None, every_seconds: float | None = None):
+    def __init__(self, line, key: str, every_windows: int | None = None, every_seconds: float | None = None,
+                 may_write=lambda: True):
         self.line = line if hasattr(line, "publish") else FolderLine(Path(line))  # a store's line, or a folder
+        self.may_write = may_write  # whether the trial is still this process's (else nothing is published)
         self.directory = self.line.tmp_dir()
         self.key = key
         self.every_windows = every_windows
@@ -182,6 +192,11 @@ class LastCheckpoint(pl.Callback):
         if self._saved_at == (trainer.current_epoch, batch_idx) or batch_idx + 1 >= trainer.num_training_batches \
                 or not hasattr(trainer.lightning_module, "window_state") or _resumable(trainer) is None:
             return
+        if (batch_idx + 1) % max(int(trainer.accumulate_grad_batches), 1):
+            return  # gradients accumulated but not applied: a checkpoint does not hold them
+        every = trainer.val_check_batch
+        if isinstance(every, int) and every and (batch_idx + 1) % every == 0:
+            return  # a validation is due after this window: a resume would skip it
         self._saved_at = (trainer.current_epoch, batch_idx)
         self._save(trainer, trainer.current_epoch, batch_idx + 1)
         self._publish(trainer)
@@ -194,8 +209,21 @@ class LastCheckpoint(pl.Callback):
     def on_train_epoch_start(self, trainer, module) -> None:
         self._publish(trainer)
 
+    def on_train_start(self, trainer, module) -> None:
+        # Lightning loads a training loader's state only when it resumes inside an epoch: at an
+        # epoch's end its shuffle state (sum_game's generator) is the loader's to load here, before
+        # the loader draws its first window
+        states, loader = trainer.fit_loop._combined_loader_states_to_load, _resumable(trainer)
+        if states and loader is not None:
+            loader.load_state_dict(states[0])
+            trainer.fit_loop._combined_loader_states_to_load = []
+
     def _publish(self, trainer) -> None:
         if self._pending is None:
+            return
+        if not self.may_write():  # declared lost: its retry writes this line now
+            self._pending[0].unlink(missing_ok=True)
+            self._pending = None
             return
         written = True
         for logger in trainer.loggers:  # the finished epochs' metrics first, then the checkpoint
@@ -251,7 +279,10 @@ class FolderLine:
         return None if point is None else (self.folder / LAST, *point)
 
     def wait(self) -> None:
-        pass  # nothing is uploaded
+        """Nothing is uploaded: nothing to wait for, no failure to report."""
+
+    def release(self) -> None:
+        """Nothing of this process's to clean up: the folder is the line's."""
 
     def discard_own(self) -> None:
         """Remove this process's temporary files (its trial was taken over)."""

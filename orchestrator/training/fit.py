@@ -56,9 +56,10 @@ def fit(spec: RunSpec, *, callbacks=(), logger=None, test: bool = False, built: 
     """Build (unless given) and fit, from the checkpoint ``resume`` if given; returns the final
     ``callback_metrics`` (and test metrics if ``test``)."""
     built = built or build(spec)
-    resumable(built.datamodule)  # its training loader's position and random states go in a checkpoint
     with tempfile.TemporaryDirectory(prefix="orch-") as root:
         trainer = make_trainer(spec, callbacks=callbacks, logger=logger, root_dir=root, **trainer_overrides)
+        if trainer.world_size == 1:
+            resumable(built.datamodule)  # its training loader's position and random states go in a checkpoint
         trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=str(resume) if resume else None,
                     weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -94,7 +95,7 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
         if ckpt_line is not None:
             # first: a stop request is checkpointed before the interruption callback ends the fit
-            callbacks.insert(0, LastCheckpoint(ckpt_line, ckpt_key, *ckpt_every))
+            callbacks.insert(0, LastCheckpoint(ckpt_line, ckpt_key, *ckpt_every, may_write=may_write))
         if checkpoint:
             # the best weights go to this process's private folder, never into the shared store
             # (where a link planted at best.ckpt could redirect the write): logged to MLflow at the end
@@ -109,12 +110,9 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
         finally:
             logger.flush()  # keep the epochs that did finish (waits for a tracking store that is away)
             if ckpt_line is not None:  # the checkpoints being uploaded (a stop signal's too)
-                failing = sys.exc_info()[0] is not None
-                try:
-                    ckpt_line.wait()
-                except Exception:  # an upload failed: the retry resumes from the one before
-                    if not failing:
-                        raise
+                failed = ckpt_line.wait()
+                if failed is not None:  # a retry resumes from an earlier one, or starts over
+                    print(f"warning: the last checkpoint was not uploaded: {failed}", file=sys.stderr)
         if checkpoint and best.best_model_path:
             mlf.log_artifact(run_id, best.best_model_path, schema.CHECKPOINTS)
     return RunResult(run_id, metrics, built.plugins)

@@ -20,8 +20,10 @@ stopped. Skipping reads the skipped windows (for orch's in-memory datasets, a sl
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,10 +68,13 @@ class ResumableLoader:
             gen.set_state(self._start["generator"])
         it = iter(self.loader)
         skipped = 0
+        others = random.getstate(), np.random.get_state()  # as the checkpoint restored them
         for _ in range(int(resume["position"])):
             if next(it, _END) is _END:
                 break
             skipped += 1
+        random.setstate(others[0])
+        np.random.set_state(others[1])
         torch.set_rng_state(resume["torch"])  # as it was after the windows already trained
         if skipped != int(resume["position"]):
             raise RuntimeError(f"the checkpoint was saved after {resume['position']} training windows of an epoch, "
@@ -89,13 +94,15 @@ _END = object()
 
 
 def resumable(datamodule) -> None:
-    """Make ``datamodule.train_dataloader()`` return a :class:`ResumableLoader` (once)."""
+    """Make ``datamodule.train_dataloader()`` return its DataLoader in a :class:`ResumableLoader`
+    (once; for a fit on one device: Lightning gives only a DataLoader itself a distributed sampler)."""
     original = datamodule.train_dataloader
     if getattr(original, "_orch_resumable", False):
         return
 
     def train_dataloader():
-        return ResumableLoader(original())
+        loader = original()  # several loaders (a dict, a list) are left as they are: no window checkpoints
+        return ResumableLoader(loader) if isinstance(loader, DataLoader) else loader
 
     train_dataloader._orch_resumable = True
     datamodule.train_dataloader = train_dataloader

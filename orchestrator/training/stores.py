@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from orchestrator import schema
-from orchestrator.training.checkpoints import INDEX, FolderLine, folder
+from orchestrator.training.checkpoints import INDEX, FolderLine, folder, index_point
 
 MLFLOW = schema.MLFLOW_CHECKPOINTS
 PREFIX = schema.CHECKPOINT_ARTIFACTS
@@ -39,19 +39,21 @@ _FILE = re.compile(r"last-\d{1,9}-\d{1,12}-[0-9a-f]{8,32}\.ckpt")  # a name read
 
 
 def line_for(checkpoint_dir: str, study: str, lineage: int, mlf=None, run_id: str | None = None,
-             tracking_uri: str | None = None):
-    """The store's line of trials ``lineage`` of ``study``."""
+             tracking_uri: str | None = None, may_write=lambda: True):
+    """The store's line of trials ``lineage`` of ``study`` (``may_write()``: whether the trial is
+    still this process's, checked before an upload publishes)."""
     if checkpoint_dir == MLFLOW:
-        return MlflowLine(mlf, run_id, int(lineage), tracking_uri)
+        return MlflowLine(mlf, run_id, int(lineage), tracking_uri, may_write)
     return FolderLine(folder(checkpoint_dir, study, lineage))
 
 
 class MlflowLine:
     """A line's checkpoints in the artifacts of the study's MLflow run ``run_id``."""
 
-    def __init__(self, mlf, run_id: str, lineage: int, tracking_uri: str | None = None):
+    def __init__(self, mlf, run_id: str, lineage: int, tracking_uri: str | None = None, may_write=lambda: True):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a worker's log
-        self.mlf, self.run_id, self.tracking_uri = mlf, run_id, tracking_uri
+        self.mlf, self.run_id, self.tracking_uri, self.may_write = mlf, run_id, tracking_uri, may_write
+        self._running = False  # an upload thread is at work (set and cleared under the lock)
         self.path = f"{PREFIX}/trial-{int(lineage)}"
         self._tmp: Path | None = None
         self._waiting: tuple[Path, dict] | None = None
@@ -71,7 +73,8 @@ class MlflowLine:
             if self._waiting is not None:  # not started yet: the newer one replaces it
                 self._waiting[0].unlink(missing_ok=True)
             self._waiting = (tmp, index)
-            if self._thread is None or not self._thread.is_alive():
+            if not self._running:
+                self._running = True
                 self._thread = threading.Thread(target=self._upload_all, name="orch-ckpt-upload", daemon=True)
                 self._thread.start()
 
@@ -80,12 +83,14 @@ class MlflowLine:
             with self._lock:
                 job, self._waiting = self._waiting, None
                 if job is None:
+                    self._running = False
                     return
             tmp, index = job
             started = time.perf_counter()
             try:
                 self._upload(tmp, index)
-            except BaseException as exc:  # noqa: BLE001 - kept for wait(), which raises it in the trial
+                self._error = None  # the latest checkpoint is the one a retry needs
+            except Exception as exc:  # noqa: BLE001 - reported by wait()
                 self._error = exc
             finally:
                 tmp.unlink(missing_ok=True)
@@ -100,6 +105,10 @@ class MlflowLine:
                 shutil.copyfile(tmp, Path(up) / name)
             self.mlf.log_artifact(self.run_id, str(Path(up) / name), self.path)
             previous = self._read_index()
+            if not self.may_write():  # declared lost meanwhile: the line is its retry's now
+                with contextlib.suppress(Exception):
+                    self._repo().delete_artifacts(f"{self.path}/{name}")
+                return
             (Path(up) / INDEX).write_text(json.dumps({**index, "file": name}))
             self.mlf.log_artifact(self.run_id, str(Path(up) / INDEX), self.path)
         if previous and previous.get("file") != name:
@@ -125,24 +134,29 @@ class MlflowLine:
 
         for _ in range(2):  # a newer checkpoint may replace the one just read: read the index again
             index = self._read_index()
-            if index is None or index.get("key") != key:
+            point = index_point(index) if index is not None and index.get("key") == key else None
+            if point is None:
                 return None
             try:
                 got = self.mlf.download_artifacts(self.run_id, f"{self.path}/{index['file']}", str(self.tmp_dir()))
             except (MlflowException, OSError):
                 continue
-            window = index.get("window")
-            return Path(got), int(index["epoch"]) + 1, (int(window) if window is not None else None)
+            return Path(got), *point
         return None
 
-    def wait(self) -> None:
-        """Wait for the uploads; raise what one of them raised."""
+    def wait(self) -> Exception | None:
+        """Wait for the uploads; what made the latest one fail, if it failed."""
         thread = self._thread
         if thread is not None:
             thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        error, self._error = self._error, None
+        return error
+
+    def release(self) -> None:
+        """Remove this process's private folder (a checkpoint downloaded to resume from)."""
+        if self._tmp is not None and not self._running:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def discard_own(self) -> None:
         with self._lock:
