@@ -413,6 +413,7 @@ BAD_VALUES = [
     (["--set", "module.lr=0.1"], "module.lr is searched by study.space"),
     (["--set", "study.space.module.lr.low=-1"], "a log range needs low > 0"),
     (["--set", "study.space.cell.hidden_size.low=0"], "cell.hidden_size = 0 is not valid"),
+    (["--set", "study.checkpoint_dir=s3://bucket/ckpt"], "a URL is not a checkpoint store orch writes to"),
 ]
 
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import names
 from orchestrator.errors import SpecError
@@ -116,6 +117,15 @@ class StudySection(BaseModel):
     checkpoint_dir: str | None = Field(default=None, max_length=4096)
     checkpoint_every: CheckpointEvery = CheckpointEvery()
     space: dict[str, Param] = Field(default_factory=dict)
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _a_folder_or_mlflow(cls, value: str | None) -> str | None:
+        if value is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError("a URL is not a checkpoint store orch writes to (object storage is not supported yet): "
+                             "set a folder (on several machines, a shared filesystem) or mlflow (the study's "
+                             "MLflow tracking server)")
+        return value
 
 
 class Study:
