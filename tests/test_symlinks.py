@@ -173,7 +173,7 @@ def test_checkpoint_temporaries_and_files_are_never_written_through_planted_link
     # the final names were replaced by the checkpoint files, not written through
     assert not any(at.is_symlink() for at in finals)
     assert json.loads((folder / "last.json").read_text()) == {"epoch": 1, "window": None, "key": "key"}
-    assert checkpoints.resume_epoch(folder, "key") == 2
+    assert checkpoints.resume_point(folder, "key") == (2, None)
     assert "state_dict" in torch.load(folder / "last.ckpt", weights_only=True)
     assert sorted(p.name for p in folder.iterdir() if not p.is_symlink()) == ["last.ckpt", "last.json"]
 
@@ -185,10 +185,10 @@ def test_a_link_planted_at_a_trial_folder_is_removed_never_followed(tmp_path, ou
     folder = checkpoints.folder(tmp_path / "store", "tiny", 3)
     plant(folder, outside.path)
     # a retry: nothing to resume from through the link, and the fit writes to a folder of its own
-    assert checkpoints.resume_epoch(folder, "key") is None
+    assert checkpoints.resume_point(folder, "key") is None
     fit_keeping_last(folder)
     assert folder.is_dir() and not folder.is_symlink()
-    assert checkpoints.resume_epoch(folder, "key") == 2
+    assert checkpoints.resume_point(folder, "key") == (2, None)
     # a new line (or an ended trial): the link is removed, and what it pointed to is left alone
     plant(tmp_path / "store" / "tiny" / "trial-4", outside.path)
     checkpoints.remove(tmp_path / "store" / "tiny" / "trial-4")

@@ -21,7 +21,7 @@ from orchestrator import names, safe_files, schema
 from orchestrator.errors import StoreError
 from orchestrator.execution.outcomes import retryable
 from orchestrator.secrets import MASK
-from orchestrator.tracking.client import client
+from orchestrator.tracking.client import client, delete_artifacts
 
 _LINE = re.compile(r"trial-(\d{1,9})")  # a folder name read back from a store: nothing else is touched
 
@@ -85,14 +85,10 @@ class Store:
         """Remove the lines ``lineages`` (a link planted at a line's name is removed, never followed)."""
         for lineage in sorted(lineages):
             if self.in_mlflow:
-                self._repo().delete_artifacts(f"{schema.CHECKPOINT_ARTIFACTS}/trial-{int(lineage)}")
+                delete_artifacts(self.mlf, self.run_id, f"{schema.CHECKPOINT_ARTIFACTS}/trial-{int(lineage)}",
+                                 self.tracking_uri)
             else:
                 safe_files.remove(self._base() / f"trial-{int(lineage)}")
-
-    def _repo(self):
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        return get_artifact_repository(self.mlf.get_run(self.run_id).info.artifact_uri, self.tracking_uri)
 
     def collect(self, get_trials) -> dict[int, int]:
         """Remove the lines that ended; returns them with the bytes they held. ``get_trials()``: the
@@ -126,8 +122,10 @@ def live_lineages(trials) -> set[int]:
 
 
 def size_text(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """``60.9 KB``: bytes in decimal units."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n:.1f} TB"
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"

@@ -133,6 +133,14 @@ def experiment_id(mlf, name: str) -> str:
         return exp.experiment_id
 
 
+def delete_artifacts(mlf, run_id: str, path: str, tracking_uri: str | None = None) -> None:
+    """Delete ``path`` (a file or folder) from the artifacts of run ``run_id`` (MLflow's client has no
+    call for it: through the run's artifact repository, a served one included)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    get_artifact_repository(mlf.get_run(run_id).info.artifact_uri, tracking_uri).delete_artifacts(path)
+
+
 def log_params(mlf, run_id: str, params: dict[str, Any]) -> None:
     """Log params in batches (MLflow caps a batch at 100 params)."""
     from mlflow.entities import Param

@@ -73,12 +73,6 @@ def fingerprint(study_id: int, lineage: int, params: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def resume_epoch(directory: Path, key: str) -> int | None:
-    """The epoch to resume at from ``directory`` (``None``: nothing to resume for ``key``)."""
-    point = resume_point(directory, key)
-    return None if point is None else point[0]
-
-
 def resume_point(directory: Path, key: str) -> tuple[int, int | None] | None:
     """Where a retry resumes from ``directory``: the epoch, and the window of that epoch after which
     its checkpoint was taken (``None``: the epoch's start); ``None``: nothing to resume for ``key``."""

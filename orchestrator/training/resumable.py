@@ -11,11 +11,11 @@ epoch's end).
 A loader resumed in the middle of an epoch starts that epoch again from the same random states
 (the same order), skips the windows already trained, and sets torch's generator as it was when
 the checkpoint was saved; one resumed at an epoch's end starts the next epoch from torch's and the
-loader's generators as they were then. (The loader, the last to draw before training, sets
-torch's generator itself: whatever else drew from it since the checkpoint was loaded does not
-matter.) Nothing is drawn until the first window is asked for: Lightning calls ``iter()`` once
-just to check that a loader is iterable. Either way the windows come in the order of the run that was never
-stopped. Skipping reads the skipped windows (for orch's in-memory datasets, a slice each).
+loader's generators as they were then. Either way the windows come in the order of the run that
+was never stopped. The loader, the last to draw before training, sets torch's generator itself:
+whatever else drew from it since the checkpoint was loaded does not matter. Nothing is drawn
+until the first window is asked for (Lightning calls ``iter()`` once just to check that a loader
+is iterable). Skipping reads the skipped windows (for orch's in-memory datasets, a slice each).
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ class ResumableLoader:
         return len(self.loader)
 
     def __iter__(self):
-        # lazily: Lightning calls iter() once only to check that the loader is iterable, and a
-        # DataLoader's iterator draws its seed from the loader's generator (sum_game's shuffle)
-        # when it is made; nothing is drawn until the first window is asked for
+        # lazily: a DataLoader's iterator draws its seed from the loader's generator when it is made
         yield from self._begin()
 
     def _begin(self):

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from orchestrator import schema
+from orchestrator.tracking.client import delete_artifacts
 from orchestrator.training.checkpoints import INDEX, FolderLine, folder, index_point
 
 MLFLOW = schema.MLFLOW_CHECKPOINTS
@@ -107,13 +108,13 @@ class MlflowLine:
             previous = self._read_index()
             if not self.may_write():  # declared lost meanwhile: the line is its retry's now
                 with contextlib.suppress(Exception):
-                    self._repo().delete_artifacts(f"{self.path}/{name}")
+                    self._delete(f"{self.path}/{name}")
                 return
             (Path(up) / INDEX).write_text(json.dumps({**index, "file": name}))
             self.mlf.log_artifact(self.run_id, str(Path(up) / INDEX), self.path)
         if previous and previous.get("file") != name:
             with contextlib.suppress(Exception):  # a leftover is collected with the line
-                self._repo().delete_artifacts(f"{self.path}/{previous['file']}")
+                self._delete(f"{self.path}/{previous['file']}")
 
     def _read_index(self) -> dict | None:
         from mlflow.exceptions import MlflowException
@@ -169,9 +170,7 @@ class MlflowLine:
         """Delete the line's checkpoints from the store."""
         self.discard_own()
         with contextlib.suppress(Exception):  # nothing there
-            self._repo().delete_artifacts(self.path)
+            self._delete(self.path)
 
-    def _repo(self):
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        return get_artifact_repository(self.mlf.get_run(self.run_id).info.artifact_uri, self.tracking_uri)
+    def _delete(self, path: str) -> None:
+        delete_artifacts(self.mlf, self.run_id, path, self.tracking_uri)
