@@ -109,6 +109,37 @@ def test_sigterm_mid_epoch_then_resume_trains_exactly_like_the_uninterrupted_run
     assert len(got) == 2 and all(g == pytest.approx(r, abs=1e-6) for g, r in zip(got, ref.val))
 
 
+class SigtermAfterStepCallbacks(pl.Callback):
+    """Sends this process a real SIGTERM at the end of window ``n``, after the other callbacks'
+    ``on_train_batch_end`` (where Lightning's handler would end the fit before the next window)."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def on_train_batch_end(self, *args):
+        self.seen += 1
+        if self.seen == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_after_a_window_s_callbacks_is_checkpointed_at_the_next_window(tmp_path, stop_handler):
+    spec = small_run("sum_game", tmp_path)
+    ref = Recorder()
+    fit(spec, callbacks=[ref], enable_progress_bar=False)
+    per_epoch, stop_at = len(ref.losses) // 2, 60
+    first, store = Recorder(), tmp_path / "store"
+    with pytest.raises(stopping.TrialInterrupted):
+        fit(spec, callbacks=[LastCheckpoint(store, "k", every_windows=25), first, interruption(),
+                             SigtermAfterStepCallbacks(stop_at)], enable_progress_bar=False)
+    # not the interval checkpoint of window 50: one more window, then its checkpoint and the stop
+    assert json.loads((store / "last.json").read_text()) == {"epoch": -1, "window": stop_at + 1, "key": "k"}
+    assert len(first.losses) == stop_at + 1 < per_epoch
+    stopping._stop = None
+    second = Recorder()
+    fit(spec, callbacks=[LastCheckpoint(store, "k"), second], resume=store / LAST, enable_progress_bar=False)
+    assert first.losses + second.losses == pytest.approx(ref.losses, abs=1e-6)
+
+
 class FailAt(pl.Callback):
     """Raises (no stop signal, so no window checkpoint) after training window ``n`` of the fit."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 import pytorch_lightning as pl
 import torch
@@ -153,6 +154,14 @@ class Interruption(pl.Callback):
 
     on_validation_batch_end = _check
     on_train_epoch_start = on_validation_end = _check_writable
+
+    def on_train_start(self, trainer, module) -> None:
+        # Lightning's own SIGTERM handler ends the fit at the end of the step in which the signal
+        # came, after this step's callbacks ran: a stop then would skip its window checkpoint. Where
+        # SIGTERM raises orch's stop flag (a worker), the flag alone decides, at the next step's end.
+        original = getattr(trainer._signal_connector, "_original_handlers", {}).get(signal.SIGTERM)
+        if original is stopping.request and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stopping.request)  # Lightning's teardown puts it back as it was
 
 
 def interruption() -> pl.Callback:
