@@ -93,3 +93,63 @@ def mlflow_server(tmp_path_factory):
             proc.wait()
         log.close()
         dbs.drop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible object store of the test session's own: moto's server, in a process of its
+    own on a free loopback port (what s3fs, and so orch, talk to over HTTP). Its address."""
+    import time
+    import urllib.request
+
+    from helpers import unavailable
+
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"an S3 store needs s3fs and moto[server] (the dev extra): {exc}")
+    root = tmp_path_factory.mktemp("s3-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"the S3 server did not start: {(root / 'server.log').read_text()[-3000:]}") \
+                        from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the test's S3 server, reached through the AWS environment variables (as a
+    user's machines would reach theirs; the worker processes inherit them): its ``s3://`` URL."""
+    import uuid
+
+    import s3fs
+
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "orch-test",
+                       "AWS_SECRET_ACCESS_KEY": "orch-test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"orch-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(bucket)
+    yield f"s3://{bucket}/checkpoints"
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 #: libraries that take a noticeable time to import (or start threads): imported where they are used
 HEAVY = {"torch", "pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "optuna", "matplotlib", "plotly",
-         "sqlalchemy", "numpy", "scipy", "sklearn", "filelock", "psycopg"}
+         "sqlalchemy", "numpy", "scipy", "sklearn", "filelock", "psycopg", "fsspec"}
 MAX_LINES = 400
 #: ``orch doctor`` imports what each check reads inside the check: a broken install is a finding there
 DIAGNOSED = {("orchestrator.doctor", "packaging.requirements"),

@@ -413,7 +413,13 @@ BAD_VALUES = [
     (["--set", "module.lr=0.1"], "module.lr is searched by study.space"),
     (["--set", "study.space.module.lr.low=-1"], "a log range needs low > 0"),
     (["--set", "study.space.cell.hidden_size.low=0"], "cell.hidden_size = 0 is not valid"),
-    (["--set", "study.checkpoint_dir=s3://bucket/ckpt"], "a URL is not a checkpoint store orch writes to"),
+    (["--set", "study.checkpoint_dir=memory://ckpt"], "memory:// is not a checkpoint store orch writes to"),
+    (["--set", "study.checkpoint_dir=file:///tmp/ckpt"], "a file:// URL is a local folder"),
+    (["--set", "study.checkpoint_dir=s3://me:secret@bucket/ckpt"], "a checkpoint store's URL carries no password"),
+    (["--set", "study.checkpoint_dir=s3://bucket/ckpt?versionId=1"], "has no query or fragment"),
+    (["--set", "study.checkpoint_dir=s3://bucket/../other"], "has no '.' or '..' component"),
+    (["--set", "study.checkpoint_dir=simplecache::s3://bucket/x"], "a chain of filesystems (::) is not"),
+    (["--set", "study.checkpoint_dir=s3://"], "s3:// names no bucket or folder"),
 ]
 
 

@@ -7,8 +7,8 @@ line ended (complete, pruned, failed, lost for the last time) and nothing will r
 ``study run`` and ``study worker`` remove the ended lines when they finish; ``orch study clean``
 does it at any time (``--all``: every line, live ones too), and ``orch study show`` reports the
 store's size. The store is read through :mod:`orchestrator.training.stores`' layout (a folder per
-line under ``ROOT/STUDY/``, or ``orch-checkpoints/trial-N/`` in the study's MLflow run) without
-importing torch.
+line under ``ROOT/STUDY/`` of a folder or of a URL's store, or ``orch-checkpoints/trial-N/`` in the
+study's MLflow run) without importing torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from orchestrator import names, safe_files, schema
+from orchestrator import names, object_store, safe_files, schema
 from orchestrator.errors import StoreError
 from orchestrator.execution.outcomes import retryable
 from orchestrator.secrets import MASK
@@ -27,8 +27,8 @@ _LINE = re.compile(r"trial-(\d{1,9})")  # a folder name read back from a store: 
 
 
 class Store:
-    """A study's checkpoint store: ``checkpoint_dir`` (a folder, or ``mlflow``: the study's MLflow
-    run ``run_id`` through the client ``mlf``)."""
+    """A study's checkpoint store: ``checkpoint_dir`` (a folder, an fsspec URL, or ``mlflow``: the
+    study's MLflow run ``run_id`` through the client ``mlf``)."""
 
     def __init__(self, checkpoint_dir: str | None, study: str, mlf=None, run_id: str | None = None,
                  tracking_uri: str | None = None):
@@ -39,13 +39,21 @@ class Store:
     def in_mlflow(self) -> bool:
         return self.dir == schema.MLFLOW_CHECKPOINTS
 
+    @property
+    def in_url(self) -> bool:
+        return object_store.is_url(self.dir)
+
     def where(self) -> str:
         if self.in_mlflow:
             return f"the study's MLflow run ({schema.CHECKPOINT_ARTIFACTS}/)"
+        if self.in_url:
+            return f"{self.dir.rstrip('/')}/{self.study}"
         return str(Path(self.dir) / self.study)
 
     def lines(self) -> dict[int, int]:
         """Every line in the store and its size in bytes."""
+        if self.in_url:
+            return self._url_lines()
         return self._mlflow_lines() if self.in_mlflow else self._folder_lines()
 
     def _base(self) -> Path:
@@ -81,10 +89,32 @@ class Store:
                                            if not f.is_dir)
         return found
 
+    def _url_lines(self) -> dict[int, int]:
+        fs, root = object_store.open_root(self.dir)
+        found = {}
+        try:
+            entries = fs.ls(object_store.study_path(root, self.study), detail=True, refresh=True)
+        except FileNotFoundError:  # nothing written yet
+            return {}
+        for entry in entries:
+            match = _LINE.fullmatch(entry["name"].rstrip("/").rsplit("/", 1)[-1])
+            if match and entry.get("type") == "directory":
+                found[int(match[1])] = sum(int(f.get("size") or 0) for f in fs.ls(entry["name"], detail=True,
+                                                                                 refresh=True)
+                                           if f.get("type") == "file")
+        return found
+
     def remove(self, lineages) -> None:
         """Remove the lines ``lineages`` (a link planted at a line's name is removed, never followed)."""
+        fs_root = object_store.open_root(self.dir) if self.in_url and lineages else None
         for lineage in sorted(lineages):
-            if self.in_mlflow:
+            if fs_root is not None:
+                fs, root = fs_root
+                try:
+                    fs.rm(object_store.line_path(root, self.study, lineage), recursive=True)
+                except FileNotFoundError:  # removed meanwhile
+                    pass
+            elif self.in_mlflow:
                 delete_artifacts(self.mlf, self.run_id, f"{schema.CHECKPOINT_ARTIFACTS}/trial-{int(lineage)}",
                                  self.tracking_uri)
             else:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import outages, schema
+from orchestrator import object_store, outages, schema
 from orchestrator.errors import ResourceFault, SpecError, Stopped, resource_fault
 from orchestrator.execution import claims, stopping, workers
 from orchestrator.execution.checkpoint_lines import Store
@@ -81,7 +81,9 @@ def run_study(study: Study, *, trials: int | None, timeout: float | None, worker
     storage_url = storage_url or section.storage or default_storage_url(study.name)
     claims.claim_lock(storage_url, study.name)  # a storage with no lock for the shared budget is refused here
     checkpoint_dir = section.checkpoint_dir or str(Path("mlruns") / "checkpoints")
-    if checkpoint_dir != schema.MLFLOW_CHECKPOINTS:  # a folder, else the study's MLflow run (its artifacts)
+    if object_store.is_url(checkpoint_dir):  # object storage: reached before anything is written
+        object_store.probe(checkpoint_dir, study.name)
+    elif checkpoint_dir != schema.MLFLOW_CHECKPOINTS:  # a folder, else the study's MLflow run (its artifacts)
         checkpoint_dir = str(Path(checkpoint_dir).resolve())
         probes.probe(Path(checkpoint_dir), "the checkpoint store (study.checkpoint_dir)")  # before anything is written
     budget = study_budget(study, trials) if create else None

@@ -14,7 +14,7 @@ A study file is a run file plus::
       storage: null                 # default: a journal file under mlruns/optuna/
       heartbeat: {interval: 30, grace_period: 120}  # RDB storages: when a silent trial counts as lost
       outage_grace: 600             # seconds a storage or tracking store that does not answer is waited for
-      checkpoint_dir: null          # where trials keep their last checkpoint (default mlruns/checkpoints)
+      checkpoint_dir: null          # a folder (default mlruns/checkpoints), mlflow, or s3://bucket/prefix
       checkpoint_every: {seconds: 300}  # also inside an epoch: every N seconds and/or windows (and at SIGTERM)
       space:
         cell.plugin: {type: categorical, choices: [lstm, diy_lstm, rnn]}
@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator import names
+from orchestrator import names, object_store
 from orchestrator.errors import SpecError
 from orchestrator.names import shown
 from orchestrator.spec.files import Source, apply_overrides, load_yaml, override_keys, pydantic_error
@@ -120,12 +119,8 @@ class StudySection(BaseModel):
 
     @field_validator("checkpoint_dir")
     @classmethod
-    def _a_folder_or_mlflow(cls, value: str | None) -> str | None:
-        if value is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
-            raise ValueError("a URL is not a checkpoint store orch writes to (object storage is not supported yet): "
-                             "set a folder (on several machines, a shared filesystem) or mlflow (the study's "
-                             "MLflow tracking server)")
-        return value
+    def _a_folder_mlflow_or_url(cls, value: str | None) -> str | None:
+        return object_store.check(value) if object_store.is_url(value) else value
 
 
 class Study:

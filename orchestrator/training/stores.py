@@ -1,4 +1,4 @@
-"""The checkpoint store of a study: a folder, or the study's MLflow tracking server.
+"""The checkpoint store of a study: a folder, the study's MLflow tracking server, or object storage.
 
 ``study.checkpoint_dir`` names it:
 
@@ -8,13 +8,16 @@
   (:class:`MlflowLine`). With a tracking server that serves artifacts (``mlflow server``, the
   default), every worker that reaches the server reaches the checkpoints: a retry on another
   machine, with no shared filesystem, resumes at the next window.
+- an fsspec URL (``s3://bucket/prefix`` and the others of
+  :data:`orchestrator.object_store.PROTOCOLS`): ``URL/STUDY/trial-N/`` (:class:`FsspecLine`), for a
+  study whose machines all reach an object store.
 
-An MLflow line writes each checkpoint to a private temporary folder (the write is all training
-waits for) and uploads it from a thread of its own: first the checkpoint, under a name of its own
-(``last-EPOCH-WINDOW-RANDOM.ckpt``), then ``last.json``, which names it, then the previous
-checkpoint is deleted. A reader reads ``last.json`` first, so it never sees half a checkpoint; a
-checkpoint made while the one before is still uploading replaces the one waiting. The trial waits
-for the uploads at the end of its fit (a stop signal's checkpoint included).
+An uploaded line (MLflow, URL) writes each checkpoint to a private temporary folder (the write is
+all training waits for) and uploads it from a thread of its own: first the checkpoint, under a name
+of its own (``last-EPOCH-WINDOW-RANDOM.ckpt``), then ``last.json``, which names it, then the
+previous checkpoint is deleted. A reader reads ``last.json`` first, so it never sees half a
+checkpoint; a checkpoint made while the one before is still uploading replaces the one waiting.
+The trial waits for the uploads at the end of its fit (a stop signal's checkpoint included).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator import schema
+from orchestrator import object_store, schema
 from orchestrator.tracking.client import delete_artifacts
 from orchestrator.training.checkpoints import INDEX, FolderLine, folder, index_point
 
@@ -45,23 +48,43 @@ def line_for(checkpoint_dir: str, study: str, lineage: int, mlf=None, run_id: st
     still this process's, checked before an upload publishes)."""
     if checkpoint_dir == MLFLOW:
         return MlflowLine(mlf, run_id, int(lineage), tracking_uri, may_write)
+    if object_store.is_url(checkpoint_dir):
+        return FsspecLine(checkpoint_dir, study, int(lineage), may_write)
     return FolderLine(folder(checkpoint_dir, study, lineage))
 
 
-class MlflowLine:
-    """A line's checkpoints in the artifacts of the study's MLflow run ``run_id``."""
+class UploadedLine:
+    """A line kept in a store reached over the network: checkpoints written here, uploaded from a
+    thread. Subclasses move the files (:meth:`_put`, :meth:`_put_index`, :meth:`_get`,
+    :meth:`_delete`) and say which errors mean "not there" (:attr:`_missing`)."""
 
-    def __init__(self, mlf, run_id: str, lineage: int, tracking_uri: str | None = None, may_write=lambda: True):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a worker's log
-        self.mlf, self.run_id, self.tracking_uri, self.may_write = mlf, run_id, tracking_uri, may_write
+    _missing: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, may_write=lambda: True):
+        self.may_write = may_write
         self._running = False  # an upload thread is at work (set and cleared under the lock)
-        self.path = f"{PREFIX}/trial-{int(lineage)}"
         self._tmp: Path | None = None
         self._waiting: tuple[Path, dict] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self.uploads: list[float] = []  # seconds each upload took (measured, for the benchmark)
+
+    def _put(self, local: Path, name: str) -> None:
+        """Upload the file ``local`` as ``name`` in the line."""
+        raise NotImplementedError
+
+    def _put_index(self, data: bytes, up: Path) -> None:
+        """Make ``data`` the line's ``last.json``, whole or not at all (``up``: a private folder)."""
+        raise NotImplementedError
+
+    def _get(self, name: str, into: Path) -> Path:
+        """Download ``name`` of the line into the folder ``into``."""
+        raise NotImplementedError
+
+    def _delete(self, name: str | None) -> None:
+        """Delete ``name`` from the line (``None``: the whole line)."""
+        raise NotImplementedError
 
     def tmp_dir(self) -> Path:
         if self._tmp is None:
@@ -100,30 +123,22 @@ class MlflowLine:
     def _upload(self, tmp: Path, index: dict) -> None:
         name = f"last-{index['epoch'] + 1}-{index['window'] or 0}-{secrets.token_hex(8)}.ckpt"
         with tempfile.TemporaryDirectory(prefix="orch-up-") as up:
-            try:
-                os.link(tmp, Path(up) / name)  # the same bytes under the name it has in the store
-            except OSError:  # another filesystem
-                shutil.copyfile(tmp, Path(up) / name)
-            self.mlf.log_artifact(self.run_id, str(Path(up) / name), self.path)
+            self._put(tmp, name)
             previous = self._read_index()
             if not self.may_write():  # declared lost meanwhile: the line is its retry's now
                 with contextlib.suppress(Exception):
-                    self._delete(f"{self.path}/{name}")
+                    self._delete(name)
                 return
-            (Path(up) / INDEX).write_text(json.dumps({**index, "file": name}))
-            self.mlf.log_artifact(self.run_id, str(Path(up) / INDEX), self.path)
+            self._put_index(json.dumps({**index, "file": name}).encode(), Path(up))
         if previous and previous.get("file") != name:
             with contextlib.suppress(Exception):  # a leftover is collected with the line
-                self._delete(f"{self.path}/{previous['file']}")
+                self._delete(previous["file"])
 
     def _read_index(self) -> dict | None:
-        from mlflow.exceptions import MlflowException
-
         with tempfile.TemporaryDirectory(prefix="orch-dl-") as down:
             try:
-                got = self.mlf.download_artifacts(self.run_id, f"{self.path}/{INDEX}", down)
-                index = json.loads(Path(got).read_text())
-            except (MlflowException, OSError, ValueError):
+                index = json.loads(self._get(INDEX, Path(down)).read_text())
+            except (*self._missing, ValueError):
                 return None
         if not isinstance(index, dict) or not isinstance(index.get("file"), str) or not _FILE.fullmatch(index["file"]):
             return None
@@ -131,18 +146,16 @@ class MlflowLine:
 
     def fetch(self, key: str) -> tuple[Path, int, int | None] | None:
         """Download the checkpoint to resume from into this process's folder (``None``: none for ``key``)."""
-        from mlflow.exceptions import MlflowException
-
         for _ in range(2):  # a newer checkpoint may replace the one just read: read the index again
             index = self._read_index()
             point = index_point(index) if index is not None and index.get("key") == key else None
             if point is None:
                 return None
             try:
-                got = self.mlf.download_artifacts(self.run_id, f"{self.path}/{index['file']}", str(self.tmp_dir()))
-            except (MlflowException, OSError):
+                got = self._get(index["file"], self.tmp_dir())
+            except self._missing:
                 continue
-            return Path(got), *point
+            return got, *point
         return None
 
     def wait(self) -> Exception | None:
@@ -170,7 +183,72 @@ class MlflowLine:
         """Delete the line's checkpoints from the store."""
         self.discard_own()
         with contextlib.suppress(Exception):  # nothing there
-            self._delete(self.path)
+            self._delete(None)
 
-    def _delete(self, path: str) -> None:
-        delete_artifacts(self.mlf, self.run_id, path, self.tracking_uri)
+
+class MlflowLine(UploadedLine):
+    """A line's checkpoints in the artifacts of the study's MLflow run ``run_id``."""
+
+    def __init__(self, mlf, run_id: str, lineage: int, tracking_uri: str | None = None, may_write=lambda: True):
+        from mlflow.exceptions import MlflowException
+
+        super().__init__(may_write)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a worker's log
+        self.mlf, self.run_id, self.tracking_uri = mlf, run_id, tracking_uri
+        self.path = f"{PREFIX}/trial-{int(lineage)}"
+        self._missing = (MlflowException, OSError)
+
+    def _put(self, local: Path, name: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="orch-up-") as up:
+            try:
+                os.link(local, Path(up) / name)  # the same bytes under the name it has in the store
+            except OSError:  # another filesystem
+                shutil.copyfile(local, Path(up) / name)
+            self.mlf.log_artifact(self.run_id, str(Path(up) / name), self.path)
+
+    def _put_index(self, data: bytes, up: Path) -> None:
+        (up / INDEX).write_bytes(data)
+        self.mlf.log_artifact(self.run_id, str(up / INDEX), self.path)
+
+    def _get(self, name: str, into: Path) -> Path:
+        return Path(self.mlf.download_artifacts(self.run_id, f"{self.path}/{name}", str(into)))
+
+    def _delete(self, name: str | None) -> None:
+        delete_artifacts(self.mlf, self.run_id, self.path if name is None else f"{self.path}/{name}",
+                         self.tracking_uri)
+
+
+class FsspecLine(UploadedLine):
+    """A line's checkpoints under ``URL/STUDY/trial-N/`` of an fsspec store (object storage): each
+    file is one object, written whole; the index is written under a temporary name and moved."""
+
+    def __init__(self, url: str, study: str, lineage: int, may_write=lambda: True):
+        super().__init__(may_write)
+        self.fs, root = object_store.open_root(url)
+        self.path = object_store.line_path(root, study, lineage)
+
+    def _put(self, local: Path, name: str) -> None:
+        self.fs.put_file(str(local), f"{self.path}/{name}")
+
+    def _put_index(self, data: bytes, up: Path) -> None:
+        staged = f"{self.path}/{INDEX}.{secrets.token_hex(8)}.tmp"
+        self.fs.pipe_file(staged, data)
+        try:
+            self.fs.mv(staged, f"{self.path}/{INDEX}")  # a rename, or a copy of one whole object
+        finally:
+            with contextlib.suppress(OSError):
+                if self.fs.exists(staged):
+                    self.fs.rm_file(staged)
+
+    def _get(self, name: str, into: Path) -> Path:
+        target = Path(into) / name
+        self.fs.get_file(f"{self.path}/{name}", str(target))
+        return target
+
+    def _delete(self, name: str | None) -> None:
+        if name is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path, recursive=True)
+            self.fs.invalidate_cache(self.path)
+        else:
+            self.fs.rm_file(f"{self.path}/{name}")
