@@ -9,7 +9,9 @@ One process trains ``studies/ptb_small.yaml`` on the CPU for ``--windows`` windo
 (to a folder), ``--repeats`` times each, alternating; then once with the MLflow store (a throwaway
 SQLite store, artifacts in a folder). It prints ms per window of each, their ratio, the mean
 write and upload time of one checkpoint, and from them the slowdown at the default interval
-(one checkpoint every ``study.checkpoint_every.seconds``, 300 s). Then a trial is stopped by a
+(one checkpoint every ``study.checkpoint_every.seconds``, 300 s). With ``--s3`` it also trains once
+with an S3 store: moto's S3 server on a loopback port, started here, reached over HTTP by s3fs (the
+dev extra). Then a trial is stopped by a
 real SIGTERM at window ``--stop`` of an epoch and resumed, once keeping only epoch-end checkpoints
 (as orch did before) and once with window checkpoints: the windows trained twice are counted.
 """
@@ -38,7 +40,7 @@ from orchestrator.tracking.runs import start_run
 from orchestrator.training.callbacks import interruption
 from orchestrator.training.checkpoints import LastCheckpoint
 from orchestrator.training.fit import fit
-from orchestrator.training.stores import MlflowLine
+from orchestrator.training.stores import FsspecLine, MlflowLine
 
 
 class Clock(pl.Callback):
@@ -107,12 +109,48 @@ def redone(spec, callback, stop: int) -> int:
         return first.windows + second.windows - 2 * spec.trainer["limit_train_batches"]
 
 
+def uploaded(spec, line, every: int) -> tuple[float, Timed]:
+    """ms per window with a window checkpoint every ``every`` windows to the uploaded ``line``."""
+    clock = Clock()
+    ckpt = Timed(line, "k", every_windows=every)
+    fit(spec, callbacks=[ckpt, clock], enable_progress_bar=False)
+    line.wait()
+    return ms_per_window(clock), ckpt
+
+
+def s3_store():
+    """moto's S3 server on a free loopback port, a bucket in it: (process, URL)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).read()
+            break
+        except OSError:
+            time.sleep(0.2)
+    s3fs.S3FileSystem().mkdir("bench")
+    return proc, "s3://bench/checkpoints"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stop", type=int, default=150, help="the window of the second epoch a SIGTERM stops")
+    parser.add_argument("--s3", action="store_true", help="also an S3 store (moto's server, started here)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -133,11 +171,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the MLflow store: uploads from a thread beside training
         mlf = tracking.client(f"sqlite:///{tmp}/mlflow.db")
         run_id = start_run(mlf, "preemption")
-        line, clock = MlflowLine(mlf, run_id, 0), Clock()
-        ckpt = Timed(line, "k", every_windows=args.every)
-        fit(spec, callbacks=[ckpt, clock], enable_progress_bar=False)
-        line.wait()
-        mlflow_ms = ms_per_window(clock)
+        line = MlflowLine(mlf, run_id, 0)
+        mlflow_ms, ckpt = uploaded(spec, line, args.every)
+    s3 = {}
+    if args.s3:
+        proc, url = s3_store()
+        try:
+            s3_line = FsspecLine(url, "bench", 0)
+            s3_ms, s3_ckpt = uploaded(spec, s3_line, args.every)
+        finally:
+            proc.terminate()
+        s3 = {"ms_per_window": round(s3_ms, 2),
+              "write_ms (training waits)": round(statistics.mean(s3_ckpt.writes) * 1000, 1),
+              "upload_ms (beside training)": round(statistics.mean(s3_line.uploads) * 1000, 1)}
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     write_s = statistics.mean(writes)
     default_s = CheckpointEvery().seconds
@@ -157,6 +203,7 @@ def main() -> None:
                        "mlflow_upload_ms (beside training)": round(statistics.mean(line.uploads) * 1000, 1)},
         f"slowdown at the default interval ({default_s:g} s)": f"{write_s / default_s:.4%}",
         "windows trained again after a SIGTERM": {"epoch-end checkpoints": before, "window checkpoints": after},
+        **({f"s3 store (every {args.every} windows)": s3} if s3 else {}),
     }, indent=2))
 
 

@@ -1,22 +1,30 @@
-"""Pruning savings: the same study with its pruner and without, side by side in one command.
+"""Pruning savings: the same study with its pruner and without, side by side in one command, for
+several seeds.
 
-    python benchmarks/pruning.py                                   # sum game, 12 trials, 1 worker
-    python benchmarks/pruning.py --trials 16 --workers 2 --set trainer.max_epochs=20
+    python benchmarks/pruning.py                                   # sum game, 12 trials, seeds 0 1 2
+    python benchmarks/pruning.py --seeds 0 1 2 3 --workers 2
+    ORCH_DATA_DIR=../shared/data python benchmarks/pruning.py --study studies/ptb_small.yaml --trials 8 \
+        --set trainer.limit_train_batches=40 --set trainer.limit_val_batches=10
+    python benchmarks/pruning.py --pruner '{type: median, n_startup_trials: 4, n_warmup_steps: 5}'
 
-Both arms run the study file's sampler with the same seed through the real ``orch study run``
-command, each in a fresh temporary directory: one with the file's pruner, one with
-``study.pruner={type: none}``. Reported per arm: epochs trained (the cost that pruning saves,
-independent of this machine's speed), wall time, trials pruned, and the best value found; then
-the pruned arm as a ratio of the unpruned one. The sampler sees pruned trials' values, so the
-two arms' later trials differ: the ratio is the saving of a real study, not of a replay.
+For each seed (the run's ``seed`` and the sampler's), both arms run the study file's sampler through
+the real ``orch study run`` command, each in a fresh temporary directory: one with the file's pruner
+(or ``--pruner``), one with ``study.pruner={type: none}``. Reported per arm and seed: epochs trained
+(the cost that pruning saves, independent of this machine's speed), wall time, trials pruned, and
+the best value found; then, per seed, the pruned arm's epochs as a fraction of the unpruned arm's
+and its best value's shortfall relative to the unpruned best (0: as good or better), and their
+spread over the seeds (min, median, max). The sampler sees pruned trials' values, so the two
+arms' later trials differ: the ratio is the saving of a real study, not of a replay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
+import yaml
 from studyrun import study_run
 
 
@@ -30,27 +38,50 @@ def epochs_trained(cwd: str) -> dict:
     return {"epochs": sum(len(t.intermediate_values) for t in study.trials)}
 
 
+def shortfall(pruned: float, unpruned: float, direction: str) -> float:
+    """How much worse the pruned arm's best is, relative to the unpruned best (0: as good or better)."""
+    worse = unpruned - pruned if direction == "maximize" else pruned - unpruned
+    return max(worse, 0.0) / abs(unpruned)
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": round(min(values), 4), "median": round(statistics.median(values), 4), "max": round(max(values), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="studies/sum_game.yaml")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pruner", default=None, help="the pruned arm's pruner (YAML), instead of the file's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     study = str(Path(args.study).resolve())
-    base = ["trainer.accelerator=cpu", *args.overrides]
-    rows = {}
-    for arm, extra in (("pruned", []), ("unpruned", ["study.pruner={type: none}"])):
-        out, wall, seen = study_run(study, workers=args.workers, trials=args.trials, overrides=base + extra,
-                                    inspect=epochs_trained)
-        rows[arm] = {"complete": out["complete"], "pruned": out["pruned"], "failed": out["failed"],
-                     "epochs": seen["epochs"], "wall_s": round(wall, 1), "best_value": out["best_value"]}
-        print(f"{arm:>8}: {rows[arm]['epochs']} epochs in {rows[arm]['wall_s']} s, {out['pruned']} of "
-              f"{args.trials} trials pruned, best {out['best_value']:.6g}", flush=True)
-    p, u = rows["pruned"], rows["unpruned"]
-    print(f"pruned / unpruned: epochs x{p['epochs'] / u['epochs']:.2f}, wall x{p['wall_s'] / u['wall_s']:.2f}, "
-          f"best {p['best_value']:.6g} vs {u['best_value']:.6g}")
-    print(json.dumps(rows))
+    data = yaml.safe_load(Path(study).read_text())
+    direction = data["study"]["direction"]
+    pruner = args.pruner or json.dumps(data["study"].get("pruner", {"type": "none"}))
+    rows: dict[int, dict] = {}
+    for seed in args.seeds:
+        base = ["trainer.accelerator=cpu", f"seed={seed}", f"study.sampler.seed={seed}", *args.overrides]
+        rows[seed] = {}
+        for arm, extra in (("pruned", [f"study.pruner={pruner}"]), ("unpruned", ["study.pruner={type: none}"])):
+            out, wall, seen = study_run(study, workers=args.workers, trials=args.trials, overrides=base + extra,
+                                        inspect=epochs_trained)
+            rows[seed][arm] = {"complete": out["complete"], "pruned": out["pruned"], "failed": out["failed"],
+                               "epochs": seen["epochs"], "wall_s": round(wall, 1), "best_value": out["best_value"]}
+            print(f"seed {seed} {arm:>8}: {seen['epochs']} epochs in {wall:.1f} s, {out['pruned']} of "
+                  f"{args.trials} trials pruned, best {out['best_value']:.6g}", flush=True)
+        p, u = rows[seed]["pruned"], rows[seed]["unpruned"]
+        p["epochs / unpruned"] = round(p["epochs"] / u["epochs"], 4)
+        p["best shortfall"] = round(shortfall(p["best_value"], u["best_value"], direction), 5)
+    ratios = [rows[s]["pruned"]["epochs / unpruned"] for s in args.seeds]
+    gaps = [rows[s]["pruned"]["best shortfall"] for s in args.seeds]
+    print(f"pruner {pruner}: epochs x{spread(ratios)['median']:.2f} of the unpruned study (seeds: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}); best value short of the unpruned best by "
+          f"{', '.join(f'{g:.2%}' for g in gaps)}")
+    print(json.dumps({"study": args.study, "pruner": pruner, "trials": args.trials, "seeds": rows,
+                      "epochs / unpruned": spread(ratios), "best shortfall": spread(gaps)}))
 
 
 if __name__ == "__main__":

@@ -415,11 +415,14 @@ BAD_VALUES = [
     (["--set", "study.space.cell.hidden_size.low=0"], "cell.hidden_size = 0 is not valid"),
     (["--set", "study.checkpoint_dir=memory://ckpt"], "memory:// is not a checkpoint store orch writes to"),
     (["--set", "study.checkpoint_dir=file:///tmp/ckpt"], "a file:// URL is a local folder"),
-    (["--set", "study.checkpoint_dir=s3://me:secret@bucket/ckpt"], "a checkpoint store's URL carries no password"),
+    (["--set", "study.checkpoint_dir=sftp://host/ckpt"], "sftp:// is not a checkpoint store orch writes to"),
+    (["--set", "study.checkpoint_dir=S3://bucket/ckpt"], "a lower-case PROTOCOL://bucket/prefix"),
+    (["--set", "study.checkpoint_dir=s3://me:secret@bucket/ckpt"], "names no user or password"),
+    (["--set", "study.checkpoint_dir=s3://bucket/team*"], "no space, glob character"),
     (["--set", "study.checkpoint_dir=s3://bucket/ckpt?versionId=1"], "has no query or fragment"),
     (["--set", "study.checkpoint_dir=s3://bucket/../other"], "has no '.' or '..' component"),
     (["--set", "study.checkpoint_dir=simplecache::s3://bucket/x"], "a chain of filesystems (::) is not"),
-    (["--set", "study.checkpoint_dir=s3://"], "s3:// names no bucket or folder"),
+    (["--set", "study.checkpoint_dir=s3://"], "s3:// names no bucket"),
 ]
 
 

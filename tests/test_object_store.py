@@ -20,7 +20,7 @@ from orchestrator.training.checkpoints import LastCheckpoint
 from orchestrator.training.fit import fit
 from orchestrator.training.stores import FsspecLine
 
-from helpers import check_agreement, echo_study, load, orch, runs_of, start, write
+from helpers import check_agreement, echo_study, free_port, load, orch, runs_of, start, write
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_trial_stopped_mid_epoch_resumes_exactly_from_the_bucket_and_its_line_
 
 def test_an_unreachable_bucket_or_a_missing_backend_stops_the_study_before_any_trial(tmp_path, s3_bucket):
     data = echo_study(trials=1)
-    for url, message in ((s3_bucket.replace("s3://orch-", "s3://missing-"), "cannot write to the checkpoint store"),
+    for url, message in ((s3_bucket.replace("s3://orch-", "s3://missing-"), "The specified bucket does not exist"),
                          ("gs://bucket/ckpt", "needs gcsfs on every machine of the study: pip install gcsfs")):
         data["study"]["checkpoint_dir"] = url
         path = write(tmp_path / "tiny.yaml", data)
@@ -103,6 +103,21 @@ def test_an_unreachable_bucket_or_a_missing_backend_stops_the_study_before_any_t
         assert url.split("/")[2] in result.stderr
     journals = list((tmp_path / "mlruns" / "optuna").glob("*.journal")) if (tmp_path / "mlruns").exists() else []
     assert journals == []  # nothing ran, no study was made
+
+
+def test_a_store_that_does_not_answer_at_resume_is_not_taken_for_an_empty_line(s3_bucket, monkeypatch):
+    """Unavailable (which ends the retry interrupted, to run again: trial._end), never "no checkpoint"
+    (which would start it over and replace the line's checkpoint)."""
+    import s3fs
+
+    from orchestrator import outages
+
+    line = FsspecLine(s3_bucket, "tiny", 0)
+    assert line.fetch("k") is None  # nothing there: "not found" is the only error that means no checkpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the store is away
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(outages.Unavailable, match=f"the checkpoint store {s3_bucket} does not answer"):
+        FsspecLine(s3_bucket, "tiny", 0).fetch("k")
 
 
 @pytest.mark.slow

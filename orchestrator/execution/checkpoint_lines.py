@@ -23,7 +23,7 @@ from orchestrator.execution.outcomes import retryable
 from orchestrator.secrets import MASK
 from orchestrator.tracking.client import client, delete_artifacts
 
-_LINE = re.compile(r"trial-(\d{1,9})")  # a folder name read back from a store: nothing else is touched
+_LINE = re.compile(r"trial-([0-9]{1,9})")  # a folder name read back from a store: nothing else is touched
 
 
 class Store:

@@ -108,11 +108,13 @@ def tracked_fit(spec: RunSpec, mlf, run_id: str, *, callbacks=(), test: bool = F
                 metrics = fit(spec, callbacks=callbacks, logger=logger, test=test, built=built, resume=resume,
                               **trainer_overrides)
         finally:
-            logger.flush()  # keep the epochs that did finish (waits for a tracking store that is away)
-            if ckpt_line is not None:  # the checkpoints being uploaded (a stop signal's too)
-                failed = ckpt_line.wait()
-                if failed is not None:  # a retry resumes from an earlier one, or starts over
-                    print(f"warning: the last checkpoint was not uploaded: {failed}", file=sys.stderr)
+            try:
+                logger.flush()  # keep the epochs that did finish (waits for a tracking store that is away)
+            finally:
+                if ckpt_line is not None:  # the checkpoints being uploaded (a stop signal's too)
+                    failed = ckpt_line.wait()
+                    if failed is not None:  # a retry resumes from an earlier one, or starts over
+                        print(f"warning: the last checkpoint was not uploaded: {failed}", file=sys.stderr)
         if checkpoint and best.best_model_path:
             mlf.log_artifact(run_id, best.best_model_path, schema.CHECKPOINTS)
     return RunResult(run_id, metrics, built.plugins)

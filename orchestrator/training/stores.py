@@ -33,13 +33,14 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator import object_store, schema
+from orchestrator import object_store, outages, schema
+from orchestrator.errors import ResourceFault
 from orchestrator.tracking.client import delete_artifacts
 from orchestrator.training.checkpoints import INDEX, FolderLine, folder, index_point
 
 MLFLOW = schema.MLFLOW_CHECKPOINTS
 PREFIX = schema.CHECKPOINT_ARTIFACTS
-_FILE = re.compile(r"last-\d{1,9}-\d{1,12}-[0-9a-f]{8,32}\.ckpt")  # a name read back from the store
+_FILE = re.compile(r"last-[0-9]{1,9}-[0-9]{1,12}-[0-9a-f]{8,32}\.ckpt")  # a name read back from the store
 
 
 def line_for(checkpoint_dir: str, study: str, lineage: int, mlf=None, run_id: str | None = None,
@@ -68,6 +69,7 @@ class UploadedLine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._last: str | None = None  # the checkpoint this process published last (deleted when replaced)
         self.uploads: list[float] = []  # seconds each upload took (measured, for the benchmark)
 
     def _put(self, local: Path, name: str) -> None:
@@ -124,17 +126,23 @@ class UploadedLine:
         name = f"last-{index['epoch'] + 1}-{index['window'] or 0}-{secrets.token_hex(8)}.ckpt"
         with tempfile.TemporaryDirectory(prefix="orch-up-") as up:
             self._put(tmp, name)
-            previous = self._read_index()
+            previous = self._last
+            if previous is None:  # the first of this process: the one an earlier attempt published
+                with contextlib.suppress(Exception):  # unreadable: a leftover, collected with the line
+                    previous = (self._read_index() or {}).get("file")
             if not self.may_write():  # declared lost meanwhile: the line is its retry's now
                 with contextlib.suppress(Exception):
                     self._delete(name)
                 return
             self._put_index(json.dumps({**index, "file": name}).encode(), Path(up))
-        if previous and previous.get("file") != name:
+            self._last = name
+        if previous and previous != name:
             with contextlib.suppress(Exception):  # a leftover is collected with the line
-                self._delete(previous["file"])
+                self._delete(previous)
 
     def _read_index(self) -> dict | None:
+        """The line's index (``None``: none, or not one orch wrote); an error of the store other than
+        :attr:`_missing` is raised."""
         with tempfile.TemporaryDirectory(prefix="orch-dl-") as down:
             try:
                 index = json.loads(self._get(INDEX, Path(down)).read_text())
@@ -180,7 +188,11 @@ class UploadedLine:
             self._tmp = None
 
     def remove(self) -> None:
-        """Delete the line's checkpoints from the store."""
+        """Delete the line's checkpoints from the store (after the uploads under way: none comes back)."""
+        with self._lock:
+            self._waiting = None
+        if self._thread is not None:
+            self._thread.join()
         self.discard_own()
         with contextlib.suppress(Exception):  # nothing there
             self._delete(None)
@@ -219,11 +231,16 @@ class MlflowLine(UploadedLine):
 
 
 class FsspecLine(UploadedLine):
-    """A line's checkpoints under ``URL/STUDY/trial-N/`` of an fsspec store (object storage): each
-    file is one object, written whole; the index is written under a temporary name and moved."""
+    """A line's checkpoints under ``URL/STUDY/trial-N/`` of object storage: each file is one object,
+    written whole (the index too). Reading the line, "not found" is the only error that means no
+    checkpoint: the store not answering interrupts the trial (retried, the line kept), and any other
+    error (no right to read) stops the study, instead of a retry starting over."""
+
+    _missing = (FileNotFoundError,)
 
     def __init__(self, url: str, study: str, lineage: int, may_write=lambda: True):
         super().__init__(may_write)
+        self.url = url
         self.fs, root = object_store.open_root(url)
         self.path = object_store.line_path(root, study, lineage)
 
@@ -231,18 +248,20 @@ class FsspecLine(UploadedLine):
         self.fs.put_file(str(local), f"{self.path}/{name}")
 
     def _put_index(self, data: bytes, up: Path) -> None:
-        staged = f"{self.path}/{INDEX}.{secrets.token_hex(8)}.tmp"
-        self.fs.pipe_file(staged, data)
-        try:
-            self.fs.mv(staged, f"{self.path}/{INDEX}")  # a rename, or a copy of one whole object
-        finally:
-            with contextlib.suppress(OSError):
-                if self.fs.exists(staged):
-                    self.fs.rm_file(staged)
+        self.fs.pipe_file(f"{self.path}/{INDEX}", data)  # one object, replaced whole
 
     def _get(self, name: str, into: Path) -> Path:
         target = Path(into) / name
-        self.fs.get_file(f"{self.path}/{name}", str(target))
+        try:
+            self.fs.get_file(f"{self.path}/{name}", str(target))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            what = f"the checkpoint store {self.url}"
+            if outages.connection_problem(exc):
+                raise outages.Unavailable(what, outages.connection_problem(exc)) from exc
+            raise ResourceFault(f"{what} cannot be read ({object_store.describe(exc)}): a retry would start "
+                                "over; give this machine the right to read it, then run the study again") from exc
         return target
 
     def _delete(self, name: str | None) -> None:
