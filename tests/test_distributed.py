@@ -24,8 +24,11 @@ LOG_ERRORS = ("Traceback", "IntegrityError", "UniqueViolation", "database is loc
 
 
 def pg_study(url: str, name: str):
+    """The study, read through connections closed after each use (none kept open by a poll)."""
+    from sqlalchemy.pool import NullPool
+
     return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url.replace(
-        "postgresql://", "postgresql+psycopg://")))
+        "postgresql://", "postgresql+psycopg://"), engine_kwargs={"poolclass": NullPool}))
 
 
 def distinct(trials) -> int:

@@ -26,7 +26,12 @@ CONTINUOUS = {"module.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": 
 
 
 def pg_study(url: str, name: str = "tiny"):
-    return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url))
+    """The study, read through connections closed after each use (a poll every 0.2 s would otherwise
+    keep a pool of connections per call open until garbage collection: too many clients)."""
+    from sqlalchemy.pool import NullPool
+
+    return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(
+        url, engine_kwargs={"poolclass": NullPool}))
 
 
 def journal_study(root, name: str = "tiny"):
