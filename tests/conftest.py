@@ -3,6 +3,7 @@ the test's own. Plain helpers are in ``helpers.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,74 +57,26 @@ def databases():
     dbs.drop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port: PostgreSQL backend, artifacts served by it."""
+@contextlib.contextmanager
+def _server(name: str, args: list[str], root, port: int, ready: str, timeout: float):
+    """A server process of the test's own (its own process group, log in ``root``), waited for until
+    ``ready`` (a path) answers on ``port``, then stopped (SIGTERM, then SIGKILL). Its address."""
     import time
     import urllib.request
 
-    dbs = Databases()
-    backend = dbs.make()
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=root, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                urllib.request.urlopen(f"{url}{ready}", timeout=5).read()
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}") \
-                        from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        dbs.drop()
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """An S3-compatible object store of the test session's own: moto's server, in a process of its
-    own on a free loopback port (what s3fs, and so orch, talk to over HTTP). Its address."""
-    import time
-    import urllib.request
-
-    from helpers import unavailable
-
-    try:
-        import moto.server  # noqa: F401
-        import s3fs  # noqa: F401
-    except ImportError as exc:
-        unavailable(f"an S3 store needs s3fs and moto[server] (the dev extra): {exc}")
-    root = tmp_path_factory.mktemp("s3-server")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=5).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"the S3 server did not start: {(root / 'server.log').read_text()[-3000:]}") \
+                    raise AssertionError(f"{name} did not start: {(root / 'server.log').read_text()[-3000:]}") \
                         from None
                 time.sleep(0.3)
         yield url
@@ -135,6 +88,53 @@ def s3_server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port: PostgreSQL backend, artifacts served by it."""
+    dbs = Databases()
+    backend = dbs.make()
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    try:
+        with _server("mlflow server", ["mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+                                       str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                                       "--workers", "1"], root, port, "/health", 120) as url:
+            yield url
+    finally:
+        dbs.drop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible object store of the test session's own: moto's server, in a process of its
+    own on a free loopback port (what s3fs, and so orch, talk to over HTTP). Its address."""
+    from helpers import unavailable
+
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"an S3 store needs s3fs and moto[server] (the dev extra): {exc}")
+    root = tmp_path_factory.mktemp("s3-server")
+    port = free_port()
+    with _server("the S3 server", ["moto.server", "-H", "127.0.0.1", "-p", str(port)], root, port, "/moto-api/",
+                 60) as url:
+        yield url
+
+
+@pytest.fixture
+def stop_handler():
+    """SIGTERM raises the worker's stop flag, as in a study worker."""
+    from orchestrator.execution import stopping
+
+    before = signal.signal(signal.SIGTERM, stopping.request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        stopping._stop = None
 
 
 @pytest.fixture

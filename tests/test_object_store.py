@@ -6,6 +6,7 @@ test session's own (moto's), reached over HTTP through s3fs as a user's machines
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 
@@ -21,16 +22,6 @@ from orchestrator.training.fit import fit
 from orchestrator.training.stores import FsspecLine
 
 from helpers import check_agreement, echo_study, free_port, load, orch, runs_of, start, write
-
-
-@pytest.fixture
-def stop_handler():
-    before = signal.signal(signal.SIGTERM, stopping.request)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        stopping._stop = None
 
 
 def _objects(fs, path: str) -> list[str]:
@@ -158,8 +149,6 @@ def test_a_study_worker_sigtermed_on_one_machine_resumes_on_another_from_the_buc
                    log=tmp_path / "a.log")
     before = wait_for(lambda: (published() or {}).get("window") and published(), "a window checkpoint in the bucket",
                       proc=node_a)
-    import os
-
     os.killpg(node_a.pid, signal.SIGTERM)  # the machine is preempted: a grace period, then gone
     node_a.wait(timeout=120)
     log_a = (tmp_path / "a.log").read_text()

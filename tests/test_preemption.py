@@ -52,17 +52,6 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.fixture
-def stop_handler():
-    """SIGTERM raises the worker's stop flag, as in a study worker."""
-    before = signal.signal(signal.SIGTERM, stopping.request)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        stopping._stop = None
-
-
 def small_run(name: str, tmp: Path):
     """The study file's run at small settings: 2 epochs, a few hundred windows."""
     data = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
